@@ -1,0 +1,1 @@
+//! Actors: supervisor, one per cluster, one per Prefetch, and the status view.

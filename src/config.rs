@@ -1,0 +1,1 @@
+//! TOML configuration: strict parsing, env overrides, semantic checks.

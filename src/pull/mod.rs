@@ -1,0 +1,2 @@
+//! Pure logic: no I/O, no clients. Everything here takes plain data and is
+//! unit-tested without a cluster.

@@ -11,11 +11,91 @@ KWOK_VERSION=v0.8.0
 SIM_CACHE_ROOT=${KUBE_PREFETCH_SIM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kube-prefetch-sim}
 SIM_BIN=$SIM_CACHE_ROOT/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION
 SIM_RUN=${KUBE_PREFETCH_SIM_RUN:-$SIM_DIR/run}
+# Beside the run dir, not in it: `down` removes the run dir while holding it.
+SIM_LOCK=$SIM_RUN.lock
 
 # Ports per cluster index i (1-based): loopback only.
 etcd_client_port() { echo $((23790 + $1 * 10)); }
 etcd_peer_port() { echo $((23791 + $1 * 10)); }
 apiserver_port() { echo $((26440 + $1)); }
+# The cluster index is part of every port, so it is bounded.
+# shellcheck disable=SC2034 # used by up
+SIM_MAX_CLUSTERS=9
+
+# The processes of one cluster, in start order.
+SIM_COMPONENTS=(etcd kube-apiserver kwok)
 
 log() { printf '[sim] %s\n' "$*" >&2; }
 die() { printf '[sim] error: %s\n' "$*" >&2; exit 1; }
+
+cluster_name() { echo "sim-$1"; }
+cluster_dir() { echo "$SIM_RUN/sim-$1"; }
+
+# Serializes up and down (also across test binaries that call `up`). Daemons
+# must not inherit the descriptor, or they would hold the lock forever: every
+# start closes fd 9.
+take_lock() {
+  mkdir -p "$(dirname "$SIM_LOCK")"
+  exec 9>"$SIM_LOCK"
+  if ! flock -w 900 9; then die "another clusters/sim up/down still holds $SIM_LOCK after 15 min"; fi
+}
+
+# True if the pid names a live (not zombie) process that runs one of our cached
+# binaries. The executable check guards against a recycled pid: we never signal
+# a process only because a stale pid file names it.
+pid_is_ours() {
+  local pid=$1 exe state
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  [ -d "/proc/$pid" ] || return 1
+  state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) || return 1
+  [ "$state" != Z ] || return 1
+  exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 1
+  exe=${exe% (deleted)}
+  [[ $exe == "$SIM_BIN"/* ]]
+}
+
+pidfile_alive() { # pidfile
+  [ -f "$1" ] && pid_is_ours "$(cat "$1")"
+}
+
+# Sends TERM to the process in the pid file, waits up to $2 seconds for it to
+# exit, then KILLs it. A zombie counts as gone: it holds no port or file, and
+# in a container without a reaping init it may never be reaped.
+stop_pidfile() { # pidfile timeout_seconds
+  local file=$1 timeout=$2 pid waited=0
+  [ -f "$file" ] || return 0
+  pid=$(cat "$file")
+  if ! pid_is_ours "$pid"; then rm -f "$file"; return 0; fi
+  kill -TERM "$pid" 2>/dev/null || true
+  while pid_is_ours "$pid"; do
+    if [ "$waited" -ge $((timeout * 10)) ]; then
+      log "$(basename "$file" .pid) (pid $pid) did not stop after ${timeout}s: sending KILL"
+      kill -KILL "$pid" 2>/dev/null || true
+      sleep 0.5
+      break
+    fi
+    sleep 0.1
+    waited=$((waited + 1))
+  done
+  if pid_is_ours "$pid"; then die "could not stop pid $pid from $file"; fi
+  rm -f "$file"
+}
+
+# Stops one cluster's processes, last started first.
+stop_cluster() { # index
+  local dir i
+  dir=$(cluster_dir "$1")
+  for ((i = ${#SIM_COMPONENTS[@]} - 1; i >= 0; i--)); do
+    stop_pidfile "$dir/${SIM_COMPONENTS[i]}.pid" 20
+  done
+}
+
+# Indices of the clusters that have a directory under the run dir.
+existing_clusters() {
+  local d
+  for d in "$SIM_RUN"/sim-*; do
+    [ -d "$d" ] || continue
+    d=${d##*/sim-}
+    [[ $d =~ ^[0-9]+$ ]] && echo "$d"
+  done | sort -n
+}

@@ -1,2 +1,4 @@
 //! Pure logic: no I/O, no clients. Everything here takes plain data and is
 //! unit-tested without a cluster.
+
+pub mod image;

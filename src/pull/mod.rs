@@ -2,3 +2,5 @@
 //! unit-tested without a cluster.
 
 pub mod image;
+pub mod targeting;
+pub mod workload;

@@ -2,5 +2,6 @@
 //! unit-tested without a cluster.
 
 pub mod image;
+pub mod plan;
 pub mod targeting;
 pub mod workload;

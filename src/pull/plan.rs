@@ -1,0 +1,495 @@
+//! The desired set of one Prefetch: which (node, image) pairs should exist,
+//! and with which namespace, credentials and tolerations each is pulled.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::Toleration;
+
+use crate::pull::image::{ImageRefError, normalize};
+use crate::pull::targeting::{NodeTargeting, NodeView};
+use crate::pull::workload::WorkloadImages;
+
+/// One (node, image) pair; `image` is canonical (see [`normalize`]).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PairKey {
+    pub node: String,
+    pub image: String,
+}
+
+impl PairKey {
+    pub fn new(node: impl Into<String>, image: impl Into<String>) -> Self {
+        PairKey {
+            node: node.into(),
+            image: image.into(),
+        }
+    }
+}
+
+/// Everything needed to build the pull pod of one pair.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PullTarget {
+    pub node: String,
+    /// Canonical reference.
+    pub image: String,
+    /// Where the pull pod runs: the workload's namespace (its secrets and
+    /// service account live there), or the Prefetch's for extra images.
+    pub namespace: String,
+    pub image_pull_secrets: Vec<String>,
+    pub service_account: Option<String>,
+    pub tolerations: Vec<Toleration>,
+}
+
+impl PullTarget {
+    pub fn key(&self) -> PairKey {
+        PairKey::new(self.node.clone(), self.image.clone())
+    }
+}
+
+/// The Prefetch's own `images` field, pulled in the Prefetch's namespace.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExtraImages {
+    pub images: Vec<String>,
+    pub namespace: String,
+    pub image_pull_secrets: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DesiredSet {
+    pub pairs: BTreeMap<PairKey, PullTarget>,
+    /// Targeted nodes (see [`desired_pulls`] for the exact rule).
+    pub nodes: BTreeSet<String>,
+    /// Every valid canonical image of the workloads and extras, whether or
+    /// not a node is targeted, so the status shows what was resolved.
+    pub images: BTreeSet<String>,
+    /// Unparseable references, each once; they do not stop the others.
+    pub invalid_images: Vec<ImageRefError>,
+}
+
+/// A toleration of every taint (empty key + Exists).
+pub fn tolerate_everything() -> Toleration {
+    Toleration {
+        operator: Some("Exists".to_string()),
+        ..Toleration::default()
+    }
+}
+
+/// Plans the pairs of one Prefetch.
+///
+/// For every node passing `targeting`: each workload whose scheduling allows
+/// the node (when `respect_scheduling`) contributes its images, pulled in its
+/// namespace with its secrets, service account and tolerations; then every
+/// extra image is added in `extra.namespace` with `extra`'s secrets (extras
+/// only need targeting). With `tolerate_all_taints` each pull pod gets one
+/// toleration of everything instead. When two sources give the same pair the
+/// first wins: workloads in the given order, then extras.
+///
+/// `nodes` holds every node passing targeting, except that when there are
+/// workloads a node also needs at least one workload allowed on it or at
+/// least one valid extra image (i.e. it has or could have pairs).
+pub fn desired_pulls(
+    nodes: &[NodeView],
+    workloads: &[WorkloadImages],
+    extra: &ExtraImages,
+    targeting: &NodeTargeting,
+    respect_scheduling: bool,
+    tolerate_all_taints: bool,
+) -> DesiredSet {
+    let mut desired = DesiredSet::default();
+    let mut seen_invalid = BTreeSet::new();
+    let mut canonical = |raw: &str, desired: &mut DesiredSet| match normalize(raw) {
+        Ok(image) => {
+            desired.images.insert(image.clone());
+            Some(image)
+        }
+        Err(error) => {
+            if seen_invalid.insert(error.reference.clone()) {
+                desired.invalid_images.push(error);
+            }
+            None
+        }
+    };
+
+    // Normalise once per source, not once per node.
+    let workload_images: Vec<Vec<String>> = workloads
+        .iter()
+        .map(|workload| {
+            let mut images: Vec<String> = Vec::new();
+            for raw in &workload.images {
+                if let Some(image) = canonical(raw, &mut desired)
+                    && !images.contains(&image)
+                {
+                    images.push(image);
+                }
+            }
+            images
+        })
+        .collect();
+    let mut extra_images: Vec<String> = Vec::new();
+    for raw in &extra.images {
+        if let Some(image) = canonical(raw, &mut desired)
+            && !extra_images.contains(&image)
+        {
+            extra_images.push(image);
+        }
+    }
+
+    let tolerations_for = |own: &[Toleration]| {
+        if tolerate_all_taints {
+            vec![tolerate_everything()]
+        } else {
+            own.to_vec()
+        }
+    };
+
+    for node in nodes.iter().filter(|node| targeting.targets(node)) {
+        let mut any_workload_allowed = false;
+        for (workload, images) in workloads.iter().zip(&workload_images) {
+            if respect_scheduling && !workload.scheduling.allows(node) {
+                continue;
+            }
+            any_workload_allowed = true;
+            for image in images {
+                let key = PairKey::new(node.name.clone(), image.clone());
+                desired.pairs.entry(key).or_insert_with(|| PullTarget {
+                    node: node.name.clone(),
+                    image: image.clone(),
+                    namespace: workload.namespace.clone(),
+                    image_pull_secrets: workload.image_pull_secrets.clone(),
+                    service_account: workload.service_account.clone(),
+                    tolerations: tolerations_for(&workload.scheduling.tolerations),
+                });
+            }
+        }
+        for image in &extra_images {
+            let key = PairKey::new(node.name.clone(), image.clone());
+            desired.pairs.entry(key).or_insert_with(|| PullTarget {
+                node: node.name.clone(),
+                image: image.clone(),
+                namespace: extra.namespace.clone(),
+                image_pull_secrets: extra.image_pull_secrets.clone(),
+                service_account: None,
+                tolerations: tolerations_for(&[]),
+            });
+        }
+        if workloads.is_empty() || any_workload_allowed || !extra_images.is_empty() {
+            desired.nodes.insert(node.name.clone());
+        }
+    }
+    desired
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::WorkloadKind;
+    use crate::pull::targeting::SchedulingConstraints;
+    use k8s_openapi::api::core::v1::Taint;
+
+    fn node(name: &str, labels: &[(&str, &str)]) -> NodeView {
+        NodeView {
+            name: name.to_string(),
+            labels: labels
+                .iter()
+                .map(|(key, value)| (key.to_string(), value.to_string()))
+                .collect(),
+            ready: true,
+            ..NodeView::default()
+        }
+    }
+
+    fn workload(namespace: &str, name: &str, images: &[&str]) -> WorkloadImages {
+        WorkloadImages {
+            kind: WorkloadKind::Deployment,
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            images: images.iter().map(|image| image.to_string()).collect(),
+            scheduling: SchedulingConstraints::default(),
+            image_pull_secrets: vec![format!("{name}-secret")],
+            service_account: Some(format!("{name}-sa")),
+        }
+    }
+
+    fn no_extra() -> ExtraImages {
+        extra(&[])
+    }
+
+    fn extra(images: &[&str]) -> ExtraImages {
+        ExtraImages {
+            images: images.iter().map(|image| image.to_string()).collect(),
+            namespace: "pf-ns".into(),
+            image_pull_secrets: vec!["pf-secret".into()],
+        }
+    }
+
+    fn workers() -> NodeTargeting {
+        NodeTargeting {
+            node_filter: Some("worker".into()),
+            ..NodeTargeting::default()
+        }
+    }
+
+    fn keys(desired: &DesiredSet) -> Vec<(String, String)> {
+        desired
+            .pairs
+            .keys()
+            .map(|key| (key.node.clone(), key.image.clone()))
+            .collect()
+    }
+
+    fn pair(node: &str, image: &str) -> (String, String) {
+        (node.to_string(), image.to_string())
+    }
+
+    #[test]
+    fn article_sample_nginx_on_workers() {
+        let nodes = [
+            node("kind-control-plane", &[]),
+            node("kind-worker", &[]),
+            node("kind-worker2", &[]),
+        ];
+        let desired = desired_pulls(
+            &nodes,
+            &[workload("default", "nginx", &["nginx:1.7.9"])],
+            &no_extra(),
+            &workers(),
+            true,
+            false,
+        );
+        let nginx = "docker.io/library/nginx:1.7.9";
+        assert_eq!(
+            keys(&desired),
+            vec![pair("kind-worker", nginx), pair("kind-worker2", nginx)]
+        );
+        assert_eq!(
+            desired.nodes,
+            BTreeSet::from(["kind-worker".to_string(), "kind-worker2".to_string()])
+        );
+        assert_eq!(desired.images, BTreeSet::from([nginx.to_string()]));
+        assert!(desired.invalid_images.is_empty());
+
+        let target = &desired.pairs[&PairKey::new("kind-worker", nginx)];
+        assert_eq!(target.namespace, "default");
+        assert_eq!(target.image_pull_secrets, vec!["nginx-secret"]);
+        assert_eq!(target.service_account.as_deref(), Some("nginx-sa"));
+        assert!(target.tolerations.is_empty());
+        assert_eq!(target.key(), PairKey::new("kind-worker", nginx));
+    }
+
+    #[test]
+    fn scheduling_limits_nodes_per_workload() {
+        let nodes = [
+            node("worker-ssd", &[("disk", "ssd")]),
+            node("worker-hdd", &[]),
+        ];
+        let mut ssd_only = workload("apps", "db", &["postgres:16"]);
+        ssd_only.scheduling.node_selector =
+            BTreeMap::from([("disk".to_string(), "ssd".to_string())]);
+        let anywhere = workload("apps", "web", &["nginx"]);
+        let workloads = [ssd_only.clone(), anywhere];
+
+        let respected = desired_pulls(&nodes, &workloads, &no_extra(), &workers(), true, false);
+        assert_eq!(
+            keys(&respected),
+            vec![
+                pair("worker-hdd", "docker.io/library/nginx:latest"),
+                pair("worker-ssd", "docker.io/library/nginx:latest"),
+                pair("worker-ssd", "docker.io/library/postgres:16"),
+            ]
+        );
+        assert_eq!(respected.nodes.len(), 2);
+
+        let ignored = desired_pulls(&nodes, &workloads, &no_extra(), &workers(), false, false);
+        assert_eq!(ignored.pairs.len(), 4);
+
+        // A node no workload can use is not counted as targeted.
+        let only_ssd = desired_pulls(&nodes, &[ssd_only], &no_extra(), &workers(), true, false);
+        assert_eq!(only_ssd.nodes, BTreeSet::from(["worker-ssd".to_string()]));
+    }
+
+    #[test]
+    fn taints_and_tolerations() {
+        let mut tainted = node("worker-gpu", &[]);
+        tainted.taints = vec![Taint {
+            key: "gpu".into(),
+            value: Some("true".into()),
+            effect: "NoSchedule".into(),
+            time_added: None,
+        }];
+        let nodes = [tainted, node("worker-1", &[])];
+        let workloads = [workload("apps", "web", &["nginx"])];
+
+        let respected = desired_pulls(&nodes, &workloads, &no_extra(), &workers(), true, false);
+        assert_eq!(respected.pairs.len(), 1);
+        assert_eq!(respected.nodes, BTreeSet::from(["worker-1".to_string()]));
+
+        // Tolerating all taints is about the pull pod, not about planning.
+        let all = desired_pulls(&nodes, &workloads, &no_extra(), &workers(), true, true);
+        assert_eq!(all.pairs.len(), 1);
+        let target = all.pairs.values().next().expect("one pair");
+        assert_eq!(target.tolerations, vec![tolerate_everything()]);
+
+        let unrestricted = desired_pulls(&nodes, &workloads, &no_extra(), &workers(), false, true);
+        assert_eq!(unrestricted.pairs.len(), 2);
+    }
+
+    #[test]
+    fn workload_tolerations_are_copied() {
+        let mut gpu_workload = workload("apps", "train", &["trainer:1"]);
+        gpu_workload.scheduling.tolerations = vec![Toleration {
+            key: Some("gpu".into()),
+            operator: Some("Exists".into()),
+            ..Toleration::default()
+        }];
+        let desired = desired_pulls(
+            &[node("worker-1", &[])],
+            std::slice::from_ref(&gpu_workload),
+            &no_extra(),
+            &workers(),
+            true,
+            false,
+        );
+        let target = desired.pairs.values().next().expect("one pair");
+        assert_eq!(target.tolerations, gpu_workload.scheduling.tolerations);
+    }
+
+    #[test]
+    fn extras_go_to_every_targeted_node() {
+        let mut ssd_only = workload("apps", "db", &["postgres:16"]);
+        ssd_only.scheduling.node_selector =
+            BTreeMap::from([("disk".to_string(), "ssd".to_string())]);
+        let nodes = [
+            node("worker-ssd", &[("disk", "ssd")]),
+            node("worker-hdd", &[]),
+            node("master", &[]),
+        ];
+        let desired = desired_pulls(
+            &nodes,
+            &[ssd_only],
+            &extra(&["busybox:1.36"]),
+            &workers(),
+            true,
+            true,
+        );
+        let busybox = "docker.io/library/busybox:1.36";
+        assert_eq!(
+            keys(&desired),
+            vec![
+                pair("worker-hdd", busybox),
+                pair("worker-ssd", busybox),
+                pair("worker-ssd", "docker.io/library/postgres:16"),
+            ]
+        );
+        let target = &desired.pairs[&PairKey::new("worker-hdd", busybox)];
+        assert_eq!(target.namespace, "pf-ns");
+        assert_eq!(target.image_pull_secrets, vec!["pf-secret"]);
+        assert_eq!(target.service_account, None);
+        assert_eq!(target.tolerations, vec![tolerate_everything()]);
+        assert_eq!(desired.nodes.len(), 2, "both workers have extras to pull");
+    }
+
+    #[test]
+    fn first_source_wins_for_duplicate_pairs() {
+        let first = workload("team-a", "one", &["nginx:1.7.9"]);
+        let second = workload("team-b", "two", &["docker.io/library/nginx:1.7.9"]);
+        let desired = desired_pulls(
+            &[node("worker-1", &[])],
+            &[first, second],
+            &extra(&["index.docker.io/library/nginx:1.7.9"]),
+            &workers(),
+            true,
+            false,
+        );
+        assert_eq!(desired.pairs.len(), 1);
+        let target = desired.pairs.values().next().expect("one pair");
+        assert_eq!(target.namespace, "team-a");
+        assert_eq!(target.service_account.as_deref(), Some("one-sa"));
+
+        // Extras lose to workloads, whatever the order of declaration.
+        let desired = desired_pulls(
+            &[node("worker-1", &[])],
+            &[workload("team-b", "two", &["nginx:1.7.9"])],
+            &extra(&["nginx:1.7.9"]),
+            &workers(),
+            true,
+            false,
+        );
+        let target = desired.pairs.values().next().expect("one pair");
+        assert_eq!(target.namespace, "team-b");
+    }
+
+    #[test]
+    fn invalid_references_are_collected_once() {
+        let desired = desired_pulls(
+            &[node("worker-1", &[])],
+            &[
+                workload("a", "one", &["Bad Image", "nginx"]),
+                workload("a", "two", &["Bad Image"]),
+            ],
+            &extra(&["UPPER:1", "redis:7"]),
+            &workers(),
+            true,
+            false,
+        );
+        let invalid: Vec<&str> = desired
+            .invalid_images
+            .iter()
+            .map(|error| error.reference.as_str())
+            .collect();
+        assert_eq!(invalid, vec!["Bad Image", "UPPER:1"]);
+        assert_eq!(
+            keys(&desired),
+            vec![
+                pair("worker-1", "docker.io/library/nginx:latest"),
+                pair("worker-1", "docker.io/library/redis:7"),
+            ]
+        );
+    }
+
+    #[test]
+    fn untargeted_nodes_and_empty_inputs() {
+        let mut cordoned = node("worker-c", &[]);
+        cordoned.unschedulable = true;
+        let mut not_ready = node("worker-n", &[]);
+        not_ready.ready = false;
+        let nodes = [cordoned, not_ready, node("worker-1", &[])];
+
+        // No workloads and no extras: the node still counts as targeted.
+        let nothing = desired_pulls(&nodes, &[], &no_extra(), &workers(), true, false);
+        assert!(nothing.pairs.is_empty());
+        assert_eq!(nothing.nodes, BTreeSet::from(["worker-1".to_string()]));
+        assert!(nothing.images.is_empty());
+
+        // Images are resolved even when no node is targeted.
+        let no_nodes = desired_pulls(
+            &[],
+            &[workload("a", "w", &["nginx"])],
+            &no_extra(),
+            &workers(),
+            true,
+            false,
+        );
+        assert!(no_nodes.pairs.is_empty());
+        assert!(no_nodes.nodes.is_empty());
+        assert_eq!(
+            no_nodes.images,
+            BTreeSet::from(["docker.io/library/nginx:latest".to_string()])
+        );
+    }
+
+    #[test]
+    fn node_selector_targeting() {
+        let targeting = NodeTargeting {
+            node_filter: None,
+            node_selector: BTreeMap::from([("pool".to_string(), "edge".to_string())]),
+        };
+        let nodes = [
+            node("a", &[("pool", "edge")]),
+            node("b", &[("pool", "core")]),
+        ];
+        let desired = desired_pulls(&nodes, &[], &extra(&["nginx"]), &targeting, true, false);
+        assert_eq!(
+            keys(&desired),
+            vec![pair("a", "docker.io/library/nginx:latest")]
+        );
+    }
+}

@@ -4,4 +4,5 @@
 pub mod image;
 pub mod plan;
 pub mod targeting;
+pub mod tracker;
 pub mod workload;

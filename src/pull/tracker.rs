@@ -1,0 +1,1101 @@
+//! The per-Prefetch state machine of (node, image) pairs, and the shared
+//! per-cluster concurrency budget.
+//!
+//! ```text
+//!            dispatched/adopted               Succeeded / node reports image
+//!   Idle ───────────────────────► InFlight ─────────────────────────► Satisfied
+//!    ▲  ◄── pod vanished ───────────┘  │ Failed (transient)              │
+//!    │                                 ├──────────► BackingOff ──┐       │ retry_after
+//!    │                                 │ Failed (permanent, or   │ due   │ elapsed: due
+//!    │                                 │ attempts exhausted)     ▼       ▼ (re-verify)
+//!    │                                 └──────────► Failed ─── due after retry_after
+//! ```
+//!
+//! Nothing here reads a clock: every call takes `now`, so tests are exact.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+
+use crate::api::{MAX_STATUS_FAILURES, Phase, PullCounts, PullFailure};
+use crate::pull::plan::{DesiredSet, PairKey};
+
+/// Exponential backoff between transient failures of one pair.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackoffPolicy {
+    /// Delay after the first failure.
+    pub initial: Duration,
+    /// Cap on the delay before jitter.
+    pub max: Duration,
+    pub multiplier: f32,
+    /// Failures (counting the permanent one) after which a pair is Failed.
+    pub max_attempts: u32,
+    /// Adds up to 100% random extra delay, so pairs that failed together
+    /// (a registry outage) do not retry together.
+    pub jitter: bool,
+}
+
+impl Default for BackoffPolicy {
+    fn default() -> Self {
+        BackoffPolicy {
+            initial: Duration::from_secs(2),
+            max: Duration::from_secs(300),
+            multiplier: 2.0,
+            max_attempts: 5,
+            jitter: true,
+        }
+    }
+}
+
+impl BackoffPolicy {
+    /// The delay after the `failures`-th consecutive failure (1-based):
+    /// `initial * multiplier^(failures-1)`, capped at `max`, plus jitter.
+    pub fn delay_after(&self, failures: u32) -> Duration {
+        let failures = failures.max(1);
+        let mut builder = ExponentialBuilder::default()
+            .with_min_delay(self.initial)
+            .with_max_delay(self.max)
+            .with_factor(self.multiplier)
+            .with_max_times(usize::try_from(failures).unwrap_or(usize::MAX));
+        if self.jitter {
+            builder = builder.with_jitter();
+        }
+        // A fresh iterator per call keeps the tracker plain data; the cost is
+        // at most `max_attempts` multiplications.
+        builder.build().last().unwrap_or(self.max)
+    }
+}
+
+/// How a pull pod ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Succeeded,
+    Failed {
+        reason: String,
+        message: String,
+        /// Retrying cannot help (not found, unauthorized, invalid name).
+        permanent: bool,
+    },
+}
+
+/// Where one pair stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PairStatus {
+    /// Needs a pull now: never pulled, or its pod vanished.
+    Idle,
+    InFlight {
+        pod: String,
+        since: Instant,
+    },
+    /// Failed transiently; due again at `until`.
+    BackingOff {
+        until: Instant,
+    },
+    /// On the node since `at` (a pull succeeded or the node reported it).
+    Satisfied {
+        at: Instant,
+    },
+    /// Permanently failed or out of attempts; retried from scratch after
+    /// `retry_after`, in case the registry or credentials were fixed.
+    Failed {
+        at: Instant,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct LastFailure {
+    reason: String,
+    message: String,
+    permanent: bool,
+    attempts: u32,
+    /// Increasing per tracker, to order failures newest first even when
+    /// several share one `now`.
+    sequence: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Pair {
+    status: PairStatus,
+    /// Consecutive failures in the current round.
+    attempts: u32,
+    last_failure: Option<LastFailure>,
+}
+
+impl Pair {
+    fn idle() -> Self {
+        Pair {
+            status: PairStatus::Idle,
+            attempts: 0,
+            last_failure: None,
+        }
+    }
+
+    fn satisfy(&mut self, now: Instant) {
+        self.status = PairStatus::Satisfied { at: now };
+        self.attempts = 0;
+        self.last_failure = None;
+    }
+
+    /// When a waiting pair becomes due again; `None` for Idle (due already)
+    /// and InFlight (waits for its pod, not for time).
+    fn due_at(&self, retry_after: Duration) -> Option<Instant> {
+        match &self.status {
+            PairStatus::Idle | PairStatus::InFlight { .. } => None,
+            PairStatus::BackingOff { until } => Some(*until),
+            PairStatus::Satisfied { at } | PairStatus::Failed { at } => at.checked_add(retry_after),
+        }
+    }
+
+    fn is_due(&self, now: Instant, retry_after: Duration) -> bool {
+        matches!(self.status, PairStatus::Idle)
+            || self.due_at(retry_after).is_some_and(|at| at <= now)
+    }
+}
+
+/// All pairs of one Prefetch.
+#[derive(Debug, Clone)]
+pub struct Tracker {
+    policy: BackoffPolicy,
+    pairs: BTreeMap<PairKey, Pair>,
+    /// In-flight pods (name, dispatch time) whose pair is no longer
+    /// desired, waiting to be deleted.
+    orphans: BTreeMap<PairKey, (String, Instant)>,
+    desired_ever_set: bool,
+    failure_sequence: u64,
+}
+
+impl Tracker {
+    pub fn new(policy: BackoffPolicy) -> Self {
+        Tracker {
+            policy,
+            pairs: BTreeMap::new(),
+            orphans: BTreeMap::new(),
+            desired_ever_set: false,
+            failure_sequence: 0,
+        }
+    }
+
+    pub fn policy(&self) -> &BackoffPolicy {
+        &self.policy
+    }
+
+    /// Replaces the desired pairs. New pairs start Idle, kept pairs keep
+    /// their state, dropped pairs are forgotten; a dropped pair's in-flight
+    /// pod is reported once by [`Tracker::orphaned_in_flight`]. A pair that
+    /// comes back before its orphan was collected takes its pod back.
+    pub fn set_desired(&mut self, desired: &DesiredSet) {
+        self.desired_ever_set = true;
+        let previous = std::mem::take(&mut self.pairs);
+        for (key, pair) in previous {
+            if desired.pairs.contains_key(&key) {
+                self.pairs.insert(key, pair);
+            } else if let PairStatus::InFlight { pod, since } = pair.status {
+                self.orphans.insert(key, (pod, since));
+            }
+        }
+        for key in desired.pairs.keys() {
+            if self.pairs.contains_key(key) {
+                continue;
+            }
+            let mut pair = Pair::idle();
+            if let Some((pod, since)) = self.orphans.remove(key) {
+                // The pod still pulls what we want again: keep it.
+                pair.status = PairStatus::InFlight { pod, since };
+            }
+            self.pairs.insert(key.clone(), pair);
+        }
+    }
+
+    /// Whether `key` is desired.
+    pub fn contains(&self, key: &PairKey) -> bool {
+        self.pairs.contains_key(key)
+    }
+
+    pub fn status(&self, key: &PairKey) -> Option<&PairStatus> {
+        self.pairs.get(key).map(|pair| &pair.status)
+    }
+
+    /// Consecutive failures of the current round (0 when unknown).
+    pub fn attempts(&self, key: &PairKey) -> u32 {
+        self.pairs.get(key).map_or(0, |pair| pair.attempts)
+    }
+
+    /// The node lists the image: satisfied without a pull. An in-flight
+    /// pair keeps waiting for its pod, whose outcome will follow.
+    pub fn node_reports_image(&mut self, key: &PairKey, now: Instant) {
+        if let Some(pair) = self.pairs.get_mut(key)
+            && !matches!(pair.status, PairStatus::InFlight { .. })
+        {
+            pair.satisfy(now);
+        }
+    }
+
+    /// A pull pod was created (or already existed) for `key`. Starting from
+    /// Failed begins a new round at attempt 0. A pod for an undesired pair
+    /// is recorded as an orphan, so that it gets deleted.
+    pub fn on_dispatched(&mut self, key: &PairKey, pod_name: &str, now: Instant) {
+        match self.pairs.get_mut(key) {
+            Some(pair) => {
+                if matches!(pair.status, PairStatus::Failed { .. }) {
+                    pair.attempts = 0;
+                }
+                pair.status = PairStatus::InFlight {
+                    pod: pod_name.to_string(),
+                    since: now,
+                };
+            }
+            None => {
+                self.orphans
+                    .insert(key.clone(), (pod_name.to_string(), now));
+            }
+        }
+    }
+
+    /// A pull pod found after a restart: treated exactly like a dispatch.
+    pub fn on_adopted(&mut self, key: &PairKey, pod_name: &str, now: Instant) {
+        self.on_dispatched(key, pod_name, now);
+    }
+
+    /// The pull pod of `key` was judged. Succeeded always counts. A failure
+    /// counts only while the pair is in flight, so that repeated watch events
+    /// for one failed pod are not counted as several attempts.
+    pub fn on_outcome(&mut self, key: &PairKey, outcome: Outcome, now: Instant) {
+        self.orphans.remove(key);
+        let Some(pair) = self.pairs.get_mut(key) else {
+            return;
+        };
+        match outcome {
+            Outcome::Succeeded => pair.satisfy(now),
+            Outcome::Failed {
+                reason,
+                message,
+                permanent,
+            } => {
+                if !matches!(pair.status, PairStatus::InFlight { .. }) {
+                    return;
+                }
+                pair.attempts = pair.attempts.saturating_add(1);
+                let exhausted = permanent || pair.attempts >= self.policy.max_attempts;
+                pair.status = if exhausted {
+                    PairStatus::Failed { at: now }
+                } else {
+                    let delay = self.policy.delay_after(pair.attempts);
+                    PairStatus::BackingOff {
+                        until: now.checked_add(delay).unwrap_or(now),
+                    }
+                };
+                self.failure_sequence += 1;
+                pair.last_failure = Some(LastFailure {
+                    reason,
+                    message,
+                    permanent,
+                    attempts: pair.attempts,
+                    sequence: self.failure_sequence,
+                });
+            }
+        }
+    }
+
+    /// The in-flight pod was deleted by someone else: pull again at once,
+    /// without counting an attempt (nothing was learnt about the image).
+    pub fn on_pod_vanished(&mut self, key: &PairKey, _now: Instant) {
+        self.orphans.remove(key);
+        if let Some(pair) = self.pairs.get_mut(key)
+            && matches!(pair.status, PairStatus::InFlight { .. })
+        {
+            pair.status = PairStatus::Idle;
+        }
+    }
+
+    /// Pairs that need a pull now: Idle, backoff elapsed, Satisfied longer
+    /// than `retry_after` ago (re-verification), Failed longer than
+    /// `retry_after` ago (new round).
+    ///
+    /// Order: round-robin over nodes sorted by name, each node's pairs by
+    /// image: (n1,i1), (n2,i1), (n1,i2), (n2,i2), ... so a dispatch cap
+    /// spreads pulls across nodes instead of serving one node entirely first.
+    pub fn due(&self, now: Instant, retry_after: Duration) -> Vec<PairKey> {
+        let mut by_node: BTreeMap<&str, Vec<&PairKey>> = BTreeMap::new();
+        for (key, pair) in &self.pairs {
+            if pair.is_due(now, retry_after) {
+                by_node.entry(key.node.as_str()).or_default().push(key);
+            }
+        }
+        let mut queues: Vec<std::vec::IntoIter<&PairKey>> =
+            by_node.into_values().map(Vec::into_iter).collect();
+        let mut due = Vec::new();
+        loop {
+            let before = due.len();
+            for queue in &mut queues {
+                if let Some(key) = queue.next() {
+                    due.push(key.clone());
+                }
+            }
+            if due.len() == before {
+                return due;
+            }
+        }
+    }
+
+    /// The earliest instant at which a BackingOff, Satisfied or Failed pair
+    /// becomes due. Idle pairs are due already and not included; the result
+    /// may lie in the past when pairs are due but were not dispatched (for
+    /// that case see [`Tracker::next_wakeup_after`]).
+    pub fn next_wakeup(&self, retry_after: Duration) -> Option<Instant> {
+        self.pairs
+            .values()
+            .filter_map(|pair| pair.due_at(retry_after))
+            .min()
+    }
+
+    /// Like [`Tracker::next_wakeup`], but only instants strictly after
+    /// `now`: what a timer should wait for once everything due now was
+    /// handled (or is blocked by a budget, which wakes the actor itself).
+    pub fn next_wakeup_after(&self, now: Instant, retry_after: Duration) -> Option<Instant> {
+        self.pairs
+            .values()
+            .filter_map(|pair| pair.due_at(retry_after))
+            .filter(|at| *at > now)
+            .min()
+    }
+
+    /// Desired pairs with a pull pod in flight, by key.
+    pub fn in_flight(&self) -> Vec<(PairKey, String)> {
+        self.pairs
+            .iter()
+            .filter_map(|(key, pair)| match &pair.status {
+                PairStatus::InFlight { pod, .. } => Some((key.clone(), pod.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn in_flight_count(&self) -> usize {
+        self.pairs
+            .values()
+            .filter(|pair| matches!(pair.status, PairStatus::InFlight { .. }))
+            .count()
+    }
+
+    /// In-flight pods of pairs no longer desired; the caller deletes them
+    /// (and releases their budget). Each is returned once.
+    pub fn orphaned_in_flight(&mut self) -> Vec<(PairKey, String)> {
+        std::mem::take(&mut self.orphans)
+            .into_iter()
+            .map(|(key, (pod, _))| (key, pod))
+            .collect()
+    }
+
+    pub fn counts(&self) -> PullCounts {
+        let mut counts = PullCounts {
+            total: saturating_u32(self.pairs.len()),
+            ..PullCounts::default()
+        };
+        for pair in self.pairs.values() {
+            match pair.status {
+                PairStatus::Satisfied { .. } => counts.ready += 1,
+                PairStatus::InFlight { .. } => counts.in_flight += 1,
+                PairStatus::Failed { .. } => counts.failed += 1,
+                PairStatus::Idle | PairStatus::BackingOff { .. } => {}
+            }
+        }
+        counts
+    }
+
+    /// Pairs that failed at least once and are not satisfied, including
+    /// those still backing off (their attempts grow visibly), newest first,
+    /// at most [`MAX_STATUS_FAILURES`].
+    pub fn failures(&self) -> Vec<PullFailure> {
+        let mut failed: Vec<(&PairKey, &LastFailure)> = self
+            .pairs
+            .iter()
+            .filter(|(_, pair)| !matches!(pair.status, PairStatus::Satisfied { .. }))
+            .filter_map(|(key, pair)| pair.last_failure.as_ref().map(|failure| (key, failure)))
+            .collect();
+        failed.sort_by_key(|(_, failure)| std::cmp::Reverse(failure.sequence));
+        failed
+            .into_iter()
+            .take(MAX_STATUS_FAILURES)
+            .map(|(key, failure)| PullFailure {
+                node: key.node.clone(),
+                image: key.image.clone(),
+                reason: failure.reason.clone(),
+                attempts: failure.attempts,
+                last_error: failure.message.clone(),
+                permanent: failure.permanent,
+            })
+            .collect()
+    }
+
+    /// PENDING before the first desired set, FAILED if any pair is Failed,
+    /// READY when every pair is satisfied (or there is nothing to do),
+    /// RUNNING otherwise.
+    pub fn phase(&self) -> Phase {
+        if !self.desired_ever_set {
+            return Phase::Pending;
+        }
+        let mut all_satisfied = true;
+        for pair in self.pairs.values() {
+            match pair.status {
+                PairStatus::Failed { .. } => return Phase::Failed,
+                PairStatus::Satisfied { .. } => {}
+                _ => all_satisfied = false,
+            }
+        }
+        if all_satisfied {
+            Phase::Ready
+        } else {
+            Phase::Running
+        }
+    }
+}
+
+fn saturating_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Concurrency limits shared by all Prefetches of one cluster: pull pods in
+/// flight per node (the kubelet pulls serially by default, so more mostly
+/// queue up) and in the whole cluster.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    per_node: usize,
+    per_cluster: usize,
+    by_node: BTreeMap<String, usize>,
+    total: usize,
+}
+
+impl Budget {
+    /// A limit of 0 admits nothing.
+    pub fn new(per_node: usize, per_cluster: usize) -> Self {
+        Budget {
+            per_node,
+            per_cluster,
+            by_node: BTreeMap::new(),
+            total: 0,
+        }
+    }
+
+    /// Takes one slot on `node` if both limits allow it.
+    pub fn try_acquire(&mut self, node: &str) -> bool {
+        if self.is_full() || self.node_in_flight(node) >= self.per_node {
+            return false;
+        }
+        self.force_acquire(node);
+        true
+    }
+
+    /// Takes a slot regardless of the limits: for pods adopted after a
+    /// restart, which exist whether or not they fit.
+    pub fn force_acquire(&mut self, node: &str) {
+        *self.by_node.entry(node.to_string()).or_insert(0) += 1;
+        self.total += 1;
+    }
+
+    /// Gives back one slot on `node`; releasing more than acquired is a no-op.
+    pub fn release(&mut self, node: &str) {
+        if let Some(count) = self.by_node.get_mut(node) {
+            *count -= 1;
+            self.total -= 1;
+            if *count == 0 {
+                self.by_node.remove(node);
+            }
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.total
+    }
+
+    pub fn node_in_flight(&self, node: &str) -> usize {
+        self.by_node.get(node).copied().unwrap_or(0)
+    }
+
+    /// No slot left anywhere in the cluster.
+    pub fn is_full(&self) -> bool {
+        self.total >= self.per_cluster
+    }
+}
+
+/// Picks, in order, the due pairs to dispatch now: at most
+/// `per_prefetch_free`, skipping pairs whose node is full, stopping when the
+/// cluster is full. Slots of the returned pairs are acquired in `budget`.
+pub fn select_dispatch(
+    due: &[PairKey],
+    per_prefetch_free: usize,
+    budget: &mut Budget,
+) -> Vec<PairKey> {
+    let mut selected = Vec::new();
+    for key in due {
+        if selected.len() >= per_prefetch_free || budget.is_full() {
+            break;
+        }
+        if budget.try_acquire(&key.node) {
+            selected.push(key.clone());
+        }
+    }
+    selected
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pull::plan::PullTarget;
+
+    const RETRY: Duration = Duration::from_secs(300);
+
+    fn policy() -> BackoffPolicy {
+        BackoffPolicy {
+            initial: Duration::from_secs(2),
+            max: Duration::from_secs(60),
+            multiplier: 2.0,
+            max_attempts: 4,
+            jitter: false,
+        }
+    }
+
+    fn key(node: &str, image: &str) -> PairKey {
+        PairKey::new(node, image)
+    }
+
+    fn desired(pairs: &[(&str, &str)]) -> DesiredSet {
+        let mut set = DesiredSet::default();
+        for (node, image) in pairs {
+            let target = PullTarget {
+                node: node.to_string(),
+                image: image.to_string(),
+                namespace: "ns".into(),
+                image_pull_secrets: vec![],
+                service_account: None,
+                tolerations: vec![],
+            };
+            set.nodes.insert(node.to_string());
+            set.images.insert(image.to_string());
+            set.pairs.insert(target.key(), target);
+        }
+        set
+    }
+
+    fn transient(message: &str) -> Outcome {
+        Outcome::Failed {
+            reason: "ErrImagePull".into(),
+            message: message.into(),
+            permanent: false,
+        }
+    }
+
+    fn permanent(message: &str) -> Outcome {
+        Outcome::Failed {
+            reason: "ErrImagePull".into(),
+            message: message.into(),
+            permanent: true,
+        }
+    }
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    #[test]
+    fn default_policy() {
+        let policy = BackoffPolicy::default();
+        assert_eq!(policy.initial, secs(2));
+        assert_eq!(policy.max, secs(300));
+        assert_eq!(policy.multiplier, 2.0);
+        assert_eq!(policy.max_attempts, 5);
+        assert!(policy.jitter);
+    }
+
+    #[test]
+    fn backoff_delays_grow_then_cap() {
+        let policy = policy();
+        let delays: Vec<Duration> = (1..=8).map(|n| policy.delay_after(n)).collect();
+        assert_eq!(
+            delays,
+            vec![
+                secs(2),
+                secs(4),
+                secs(8),
+                secs(16),
+                secs(32),
+                secs(60),
+                secs(60),
+                secs(60)
+            ]
+        );
+        assert_eq!(policy.delay_after(0), secs(2), "0 is treated as the first");
+    }
+
+    #[test]
+    fn backoff_jitter_stays_within_bounds() {
+        let jittered = BackoffPolicy {
+            jitter: true,
+            ..policy()
+        };
+        for failures in 1..=6 {
+            let base = policy().delay_after(failures);
+            for _ in 0..20 {
+                let delay = jittered.delay_after(failures);
+                assert!(delay >= base && delay <= base * 2, "{delay:?} vs {base:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn new_pairs_are_due_and_pending_before_set() {
+        let now = Instant::now();
+        let mut tracker = Tracker::new(policy());
+        assert_eq!(tracker.phase(), Phase::Pending);
+        assert!(tracker.due(now, RETRY).is_empty());
+
+        tracker.set_desired(&desired(&[("n1", "a"), ("n1", "b")]));
+        assert_eq!(tracker.phase(), Phase::Running);
+        assert_eq!(
+            tracker.due(now, RETRY),
+            vec![key("n1", "a"), key("n1", "b")]
+        );
+        assert_eq!(
+            tracker.counts(),
+            PullCounts {
+                ready: 0,
+                in_flight: 0,
+                failed: 0,
+                total: 2
+            }
+        );
+        assert_eq!(
+            tracker.next_wakeup(RETRY),
+            None,
+            "idle pairs are already due"
+        );
+    }
+
+    #[test]
+    fn empty_desired_set_is_ready() {
+        let mut tracker = Tracker::new(policy());
+        tracker.set_desired(&DesiredSet::default());
+        assert_eq!(tracker.phase(), Phase::Ready);
+        assert_eq!(tracker.counts(), PullCounts::default());
+    }
+
+    #[test]
+    fn due_round_robins_across_nodes() {
+        let now = Instant::now();
+        let mut tracker = Tracker::new(policy());
+        tracker.set_desired(&desired(&[
+            ("n2", "a"),
+            ("n1", "c"),
+            ("n1", "a"),
+            ("n1", "b"),
+            ("n3", "b"),
+            ("n2", "b"),
+        ]));
+        assert_eq!(
+            tracker.due(now, RETRY),
+            vec![
+                key("n1", "a"),
+                key("n2", "a"),
+                key("n3", "b"),
+                key("n1", "b"),
+                key("n2", "b"),
+                key("n1", "c"),
+            ]
+        );
+    }
+
+    #[test]
+    fn dispatch_success_and_reverification() {
+        let t0 = Instant::now();
+        let k = key("n1", "a");
+        let mut tracker = Tracker::new(policy());
+        tracker.set_desired(&desired(&[("n1", "a")]));
+
+        tracker.on_dispatched(&k, "pod-1", t0);
+        assert!(tracker.due(t0, RETRY).is_empty());
+        assert_eq!(tracker.in_flight(), vec![(k.clone(), "pod-1".to_string())]);
+        assert_eq!(tracker.in_flight_count(), 1);
+        assert_eq!(tracker.counts().in_flight, 1);
+        assert_eq!(tracker.next_wakeup(RETRY), None);
+
+        let t1 = t0 + secs(5);
+        tracker.on_outcome(&k, Outcome::Succeeded, t1);
+        assert_eq!(tracker.status(&k), Some(&PairStatus::Satisfied { at: t1 }));
+        assert_eq!(tracker.phase(), Phase::Ready);
+        assert_eq!(tracker.counts().ready, 1);
+        assert_eq!(tracker.in_flight_count(), 0);
+        assert_eq!(tracker.next_wakeup(RETRY), Some(t1 + RETRY));
+
+        assert!(tracker.due(t1 + RETRY - secs(1), RETRY).is_empty());
+        assert_eq!(tracker.due(t1 + RETRY, RETRY), vec![k.clone()]);
+        // Still READY while re-verification is pending: the image was there.
+        assert_eq!(tracker.phase(), Phase::Ready);
+    }
+
+    #[test]
+    fn node_report_satisfies_and_refreshes() {
+        let t0 = Instant::now();
+        let k = key("n1", "a");
+        let mut tracker = Tracker::new(policy());
+        tracker.set_desired(&desired(&[("n1", "a")]));
+        tracker.node_reports_image(&k, t0);
+        assert_eq!(tracker.phase(), Phase::Ready);
+        assert!(tracker.due(t0, RETRY).is_empty());
+
+        // Still reported later: the satisfaction is refreshed.
+        let t1 = t0 + RETRY;
+        tracker.node_reports_image(&k, t1);
+        assert!(tracker.due(t1, RETRY).is_empty());
+        assert_eq!(tracker.next_wakeup(RETRY), Some(t1 + RETRY));
+
+        // Unknown pairs are ignored.
+        tracker.node_reports_image(&key("n9", "a"), t1);
+        assert_eq!(tracker.counts().total, 1);
+    }
+
+    #[test]
+    fn node_report_does_not_interrupt_in_flight_pull() {
+        let t0 = Instant::now();
+        let k = key("n1", "a");
+        let mut tracker = Tracker::new(policy());
+        tracker.set_desired(&desired(&[("n1", "a")]));
+        tracker.on_dispatched(&k, "pod", t0);
+        tracker.node_reports_image(&k, t0);
+        assert_eq!(tracker.in_flight_count(), 1);
+    }
+
+    #[test]
+    fn transient_failures_back_off_with_growing_delays_then_exhaust() {
+        let mut now = Instant::now();
+        let k = key("n1", "a");
+        let mut tracker = Tracker::new(policy());
+        tracker.set_desired(&desired(&[("n1", "a")]));
+
+        let mut previous_delay = Duration::ZERO;
+        for attempt in 1..=3u32 {
+            tracker.on_dispatched(&k, "pod", now);
+            tracker.on_outcome(&k, transient("no such host"), now);
+            assert_eq!(tracker.attempts(&k), attempt);
+            let Some(PairStatus::BackingOff { until }) = tracker.status(&k).cloned() else {
+                panic!("expected backoff, got {:?}", tracker.status(&k));
+            };
+            let delay = until - now;
+            assert!(delay > previous_delay, "delays must grow: {delay:?}");
+            previous_delay = delay;
+            assert_eq!(tracker.next_wakeup(RETRY), Some(until));
+            assert!(
+                tracker
+                    .due(until - Duration::from_millis(1), RETRY)
+                    .is_empty()
+            );
+            assert_eq!(tracker.due(until, RETRY), vec![k.clone()]);
+            assert_eq!(tracker.phase(), Phase::Running);
+            assert_eq!(tracker.counts().failed, 0);
+            let failures = tracker.failures();
+            assert_eq!(failures.len(), 1);
+            assert_eq!(failures[0].attempts, attempt);
+            assert!(!failures[0].permanent);
+            now = until;
+        }
+        assert_eq!(previous_delay, secs(8));
+
+        tracker.on_dispatched(&k, "pod", now);
+        tracker.on_outcome(&k, transient("timeout"), now);
+        assert_eq!(tracker.status(&k), Some(&PairStatus::Failed { at: now }));
+        assert_eq!(tracker.phase(), Phase::Failed);
+        assert_eq!(tracker.counts().failed, 1);
+        let failures = tracker.failures();
+        assert_eq!(failures[0].attempts, 4);
+        assert_eq!(failures[0].last_error, "timeout");
+        assert_eq!(failures[0].reason, "ErrImagePull");
+
+        // Retried from attempt 0 after retry_after.
+        assert!(tracker.due(now + RETRY - secs(1), RETRY).is_empty());
+        assert_eq!(tracker.next_wakeup(RETRY), Some(now + RETRY));
+        let later = now + RETRY;
+        assert_eq!(tracker.due(later, RETRY), vec![k.clone()]);
+        tracker.on_dispatched(&k, "pod", later);
+        assert_eq!(tracker.attempts(&k), 0);
+        assert_eq!(tracker.phase(), Phase::Running);
+        tracker.on_outcome(&k, transient("again"), later);
+        assert_eq!(tracker.attempts(&k), 1);
+        assert!(matches!(
+            tracker.status(&k),
+            Some(PairStatus::BackingOff { .. })
+        ));
+    }
+
+    #[test]
+    fn permanent_failure_fails_at_once() {
+        let now = Instant::now();
+        let k = key("n1", "a");
+        let mut tracker = Tracker::new(policy());
+        tracker.set_desired(&desired(&[("n1", "a"), ("n2", "a")]));
+        tracker.on_dispatched(&k, "pod", now);
+        tracker.on_outcome(&k, permanent("manifest unknown"), now);
+        assert_eq!(tracker.status(&k), Some(&PairStatus::Failed { at: now }));
+        assert_eq!(tracker.attempts(&k), 1);
+        assert_eq!(tracker.phase(), Phase::Failed);
+        let failures = tracker.failures();
+        assert_eq!(failures.len(), 1);
+        assert!(failures[0].permanent);
+        assert_eq!(failures[0].attempts, 1);
+        assert_eq!(failures[0].node, "n1");
+        assert_eq!(failures[0].image, "a");
+    }
+
+    #[test]
+    fn repeated_failure_events_count_once() {
+        let now = Instant::now();
+        let k = key("n1", "a");
+        let mut tracker = Tracker::new(policy());
+        tracker.set_desired(&desired(&[("n1", "a")]));
+        tracker.on_dispatched(&k, "pod", now);
+        tracker.on_outcome(&k, transient("x"), now);
+        tracker.on_outcome(&k, transient("x"), now);
+        assert_eq!(tracker.attempts(&k), 1);
+    }
+
+    #[test]
+    fn success_clears_failures() {
+        let now = Instant::now();
+        let k = key("n1", "a");
+        let mut tracker = Tracker::new(policy());
+        tracker.set_desired(&desired(&[("n1", "a")]));
+        tracker.on_dispatched(&k, "pod", now);
+        tracker.on_outcome(&k, transient("x"), now);
+        assert_eq!(tracker.failures().len(), 1);
+        tracker.on_dispatched(&k, "pod", now + secs(2));
+        tracker.on_outcome(&k, Outcome::Succeeded, now + secs(3));
+        assert!(tracker.failures().is_empty());
+        assert_eq!(tracker.attempts(&k), 0);
+        assert_eq!(tracker.phase(), Phase::Ready);
+    }
+
+    #[test]
+    fn vanished_pod_retries_immediately_without_attempt() {
+        let now = Instant::now();
+        let k = key("n1", "a");
+        let mut tracker = Tracker::new(policy());
+        tracker.set_desired(&desired(&[("n1", "a")]));
+        tracker.on_dispatched(&k, "pod", now);
+        tracker.on_pod_vanished(&k, now);
+        assert_eq!(tracker.status(&k), Some(&PairStatus::Idle));
+        assert_eq!(tracker.attempts(&k), 0);
+        assert_eq!(tracker.due(now, RETRY), vec![k.clone()]);
+
+        // A vanish while not in flight changes nothing.
+        tracker.node_reports_image(&k, now);
+        tracker.on_pod_vanished(&k, now);
+        assert!(matches!(
+            tracker.status(&k),
+            Some(PairStatus::Satisfied { .. })
+        ));
+    }
+
+    #[test]
+    fn adopted_pods_are_in_flight() {
+        let now = Instant::now();
+        let mut tracker = Tracker::new(policy());
+        tracker.set_desired(&desired(&[("n1", "a")]));
+        tracker.on_adopted(&key("n1", "a"), "pod-a", now);
+        assert_eq!(
+            tracker.in_flight(),
+            vec![(key("n1", "a"), "pod-a".to_string())]
+        );
+        // An adopted pod of a pair we no longer want is an orphan.
+        tracker.on_adopted(&key("n1", "old"), "pod-old", now);
+        assert_eq!(
+            tracker.orphaned_in_flight(),
+            vec![(key("n1", "old"), "pod-old".to_string())]
+        );
+        assert_eq!(tracker.counts().total, 1);
+    }
+
+    #[test]
+    fn dropped_pairs_are_forgotten_and_orphans_reported_once() {
+        let now = Instant::now();
+        let mut tracker = Tracker::new(policy());
+        tracker.set_desired(&desired(&[("n1", "a"), ("n1", "b"), ("n2", "a")]));
+        tracker.on_dispatched(&key("n1", "a"), "pod-1a", now);
+        tracker.on_dispatched(&key("n2", "a"), "pod-2a", now);
+        tracker.node_reports_image(&key("n1", "b"), now);
+
+        tracker.set_desired(&desired(&[("n2", "a"), ("n3", "c")]));
+        assert_eq!(tracker.counts().total, 2);
+        assert!(!tracker.contains(&key("n1", "b")));
+        assert_eq!(
+            tracker.in_flight(),
+            vec![(key("n2", "a"), "pod-2a".to_string())]
+        );
+        assert_eq!(
+            tracker.orphaned_in_flight(),
+            vec![(key("n1", "a"), "pod-1a".to_string())]
+        );
+        assert!(tracker.orphaned_in_flight().is_empty());
+        assert_eq!(tracker.due(now, RETRY), vec![key("n3", "c")]);
+    }
+
+    #[test]
+    fn pair_readded_before_orphan_collection_keeps_its_pod() {
+        let now = Instant::now();
+        let k = key("n1", "a");
+        let mut tracker = Tracker::new(policy());
+        tracker.set_desired(&desired(&[("n1", "a")]));
+        tracker.on_dispatched(&k, "pod", now);
+        tracker.set_desired(&DesiredSet::default());
+        tracker.set_desired(&desired(&[("n1", "a")]));
+        assert!(tracker.orphaned_in_flight().is_empty());
+        assert_eq!(tracker.in_flight(), vec![(k, "pod".to_string())]);
+    }
+
+    #[test]
+    fn outcome_of_orphan_removes_it() {
+        let now = Instant::now();
+        let k = key("n1", "a");
+        let mut tracker = Tracker::new(policy());
+        tracker.set_desired(&desired(&[("n1", "a")]));
+        tracker.on_dispatched(&k, "pod", now);
+        tracker.set_desired(&DesiredSet::default());
+        tracker.on_outcome(&k, Outcome::Succeeded, now);
+        assert!(tracker.orphaned_in_flight().is_empty());
+        assert_eq!(tracker.phase(), Phase::Ready);
+    }
+
+    #[test]
+    fn next_wakeup_is_the_earliest_event() {
+        let t0 = Instant::now();
+        let mut tracker = Tracker::new(policy());
+        tracker.set_desired(&desired(&[
+            ("n1", "a"),
+            ("n1", "b"),
+            ("n2", "a"),
+            ("n2", "b"),
+        ]));
+        tracker.node_reports_image(&key("n1", "a"), t0);
+        tracker.on_dispatched(&key("n1", "b"), "p", t0);
+        tracker.on_outcome(&key("n1", "b"), transient("x"), t0 + secs(10));
+        tracker.on_dispatched(&key("n2", "a"), "p", t0);
+        tracker.on_outcome(&key("n2", "a"), permanent("denied"), t0 + secs(1));
+        // n2/b stays idle (due now) and does not count.
+        assert_eq!(tracker.next_wakeup(RETRY), Some(t0 + secs(12)));
+        assert_eq!(tracker.next_wakeup(secs(5)), Some(t0 + secs(5)));
+        assert_eq!(
+            tracker.next_wakeup_after(t0 + secs(5), secs(5)),
+            Some(t0 + secs(6))
+        );
+        assert_eq!(
+            tracker.next_wakeup_after(t0 + secs(12), secs(5)),
+            None,
+            "everything is due at or before now"
+        );
+    }
+
+    #[test]
+    fn failures_newest_first_and_capped() {
+        let now = Instant::now();
+        let mut tracker = Tracker::new(policy());
+        let names: Vec<String> = (0..30).map(|i| format!("img{i:02}")).collect();
+        let pairs: Vec<(&str, &str)> = names.iter().map(|name| ("n1", name.as_str())).collect();
+        tracker.set_desired(&desired(&pairs));
+        for name in &names {
+            let k = key("n1", name);
+            tracker.on_dispatched(&k, "p", now);
+            tracker.on_outcome(&k, transient(name), now);
+        }
+        let failures = tracker.failures();
+        assert_eq!(failures.len(), MAX_STATUS_FAILURES);
+        assert_eq!(failures[0].image, "img29");
+        assert_eq!(failures[1].image, "img28");
+        assert_eq!(failures[MAX_STATUS_FAILURES - 1].image, "img10");
+    }
+
+    #[test]
+    fn budget_per_node_and_per_cluster() {
+        let mut budget = Budget::new(1, 3);
+        assert!(budget.try_acquire("n1"));
+        assert!(!budget.try_acquire("n1"), "per-node cap");
+        assert!(budget.try_acquire("n2"));
+        assert!(budget.try_acquire("n3"));
+        assert!(budget.is_full());
+        assert!(!budget.try_acquire("n4"), "per-cluster cap");
+        assert_eq!(budget.in_flight(), 3);
+        assert_eq!(budget.node_in_flight("n1"), 1);
+
+        budget.release("n1");
+        assert_eq!(budget.in_flight(), 2);
+        assert!(budget.try_acquire("n4"));
+        assert!(!budget.try_acquire("n1"));
+
+        budget.release("n9");
+        budget.release("n1");
+        budget.release("n1");
+        assert_eq!(budget.in_flight(), 3, "over-release is a no-op");
+
+        let mut two_per_node = Budget::new(2, 10);
+        assert!(two_per_node.try_acquire("n1"));
+        assert!(two_per_node.try_acquire("n1"));
+        assert!(!two_per_node.try_acquire("n1"));
+
+        let mut closed = Budget::new(1, 0);
+        assert!(!closed.try_acquire("n1"));
+
+        let mut adopted = Budget::new(1, 1);
+        adopted.force_acquire("n1");
+        adopted.force_acquire("n1");
+        assert_eq!(adopted.in_flight(), 2);
+        assert!(!adopted.try_acquire("n2"));
+    }
+
+    #[test]
+    fn select_dispatch_respects_all_caps() {
+        let due = vec![
+            key("n1", "a"),
+            key("n2", "a"),
+            key("n1", "b"),
+            key("n2", "b"),
+            key("n3", "a"),
+        ];
+        // Per node 1: the second pair of n1 and n2 is skipped, n3 still fits.
+        let mut budget = Budget::new(1, 10);
+        let picked = select_dispatch(&due, 10, &mut budget);
+        assert_eq!(picked, vec![key("n1", "a"), key("n2", "a"), key("n3", "a")]);
+        assert_eq!(budget.in_flight(), 3);
+
+        // Per-prefetch cap.
+        let mut budget = Budget::new(5, 10);
+        assert_eq!(select_dispatch(&due, 2, &mut budget).len(), 2);
+        assert_eq!(budget.in_flight(), 2);
+        assert!(select_dispatch(&due, 0, &mut budget).is_empty());
+
+        // Per-cluster cap, shared with another Prefetch's pods.
+        let mut budget = Budget::new(5, 3);
+        assert!(budget.try_acquire("n9"));
+        assert_eq!(
+            select_dispatch(&due, 10, &mut budget),
+            vec![key("n1", "a"), key("n2", "a")]
+        );
+        assert!(budget.is_full());
+    }
+
+    #[test]
+    fn tracker_flow_with_budget() {
+        let now = Instant::now();
+        let mut tracker = Tracker::new(policy());
+        tracker.set_desired(&desired(&[("n1", "a"), ("n1", "b"), ("n2", "a")]));
+        let mut budget = Budget::new(1, 10);
+        let picked = select_dispatch(&tracker.due(now, RETRY), 10, &mut budget);
+        assert_eq!(picked, vec![key("n1", "a"), key("n2", "a")]);
+        for k in &picked {
+            tracker.on_dispatched(k, "p", now);
+        }
+        assert_eq!(tracker.due(now, RETRY), vec![key("n1", "b")]);
+        assert!(select_dispatch(&tracker.due(now, RETRY), 10, &mut budget).is_empty());
+        tracker.on_outcome(&key("n1", "a"), Outcome::Succeeded, now);
+        budget.release("n1");
+        assert_eq!(
+            select_dispatch(&tracker.due(now, RETRY), 10, &mut budget),
+            vec![key("n1", "b")]
+        );
+    }
+}

@@ -2,7 +2,9 @@
 //! unit-tested without a cluster.
 
 pub mod image;
+pub mod outcome;
 pub mod plan;
+pub mod podspec;
 pub mod targeting;
 pub mod tracker;
 pub mod workload;

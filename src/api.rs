@@ -121,7 +121,9 @@ impl PrefetchSpec {
     }
 }
 
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
+)]
 pub enum WorkloadKind {
     Deployment,
     StatefulSet,
@@ -180,6 +182,7 @@ pub struct PrefetchStatus {
     pub images: Vec<String>,
     /// How many nodes are targeted.
     #[serde(default)]
+    #[schemars(with = "i64")]
     pub nodes: u32,
     #[serde(default)]
     pub pulls: PullCounts,
@@ -196,9 +199,13 @@ pub struct PrefetchStatus {
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub struct PullCounts {
+    #[schemars(with = "i64")]
     pub ready: u32,
+    #[schemars(with = "i64")]
     pub in_flight: u32,
+    #[schemars(with = "i64")]
     pub failed: u32,
+    #[schemars(with = "i64")]
     pub total: u32,
 }
 
@@ -208,6 +215,7 @@ pub struct PullFailure {
     pub image: String,
     /// Short machine-readable reason, e.g. `ErrImagePull`.
     pub reason: String,
+    #[schemars(with = "i64")]
     pub attempts: u32,
     pub last_error: String,
     /// Whether retrying cannot help (image not found, unauthorized, invalid name).

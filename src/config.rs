@@ -1750,6 +1750,33 @@ lease_name = "prefetch"
     }
 
     #[test]
+    fn deploy_configmap_holds_a_valid_config() {
+        let manifest = std::fs::read_to_string(repo_file("deploy/central/configmap.yaml"))
+            .expect("read configmap");
+        let configmap: serde_json::Value =
+            serde_saphyr::from_str(&manifest).expect("configmap is YAML");
+        let text = configmap["data"]["kube-prefetch.toml"]
+            .as_str()
+            .expect("data.kube-prefetch.toml");
+        // Where the Deployment mounts it.
+        let origin = Path::new("/etc/kube-prefetch/kube-prefetch.toml");
+        let config = parse_str(text, origin).expect("embedded config is valid");
+        assert!(!config.kubeconfig.is_empty());
+        for source in &config.kubeconfig {
+            assert!(
+                source.path.starts_with("/etc/kube-prefetch/kubeconfigs/"),
+                "{} is outside the Secret's mount",
+                source.path.display()
+            );
+        }
+        assert_eq!(
+            config.server.listen.port(),
+            8080,
+            "the probes use port 8080"
+        );
+    }
+
+    #[test]
     fn demo_config_loads_against_the_sim_kubeconfig() {
         let origin = repo_file("config/kube-prefetch.toml");
         let text = std::fs::read_to_string(&origin).expect("read demo config");

@@ -2,6 +2,9 @@
 
 pub mod actors;
 pub mod api;
+pub mod cli;
 pub mod config;
+pub mod error;
 pub mod http;
+pub mod metrics;
 pub mod pull;

@@ -1,6 +1,16 @@
-fn main() {
-    match kube_prefetch::api::crd_yaml() {
-        Ok(yaml) => print!("{yaml}"),
-        Err(error) => eprintln!("{error}"),
+use std::process::ExitCode;
+
+use clap::Parser;
+use kube_prefetch::cli::{Cli, init_logging, run_command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    match run_command(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("kube-prefetch: error: {error:#}");
+            ExitCode::FAILURE
+        }
     }
 }

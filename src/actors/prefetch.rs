@@ -1,0 +1,999 @@
+//! One actor per Prefetch object. It watches the Prefetch's workloads, turns
+//! nodes × images into (node, image) pairs with the pure planner, fans out
+//! pull pods within the shared budget, judges them, and writes the status.
+//! All decisions are made by `crate::pull`; this file only moves data.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use futures::StreamExt;
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::batch::v1::{CronJob, Job};
+use k8s_openapi::api::core::v1::{Pod, PodSpec};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::events::{Event as KubeEvent, EventType};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::actors::cluster::{ClusterContext, SlotsFreed};
+use crate::actors::status::{PrefetchGone, PrefetchReported, PrefetchSummary};
+use crate::api::{Condition, Phase, Prefetch, PrefetchStatus, WorkloadKind};
+use crate::error::{api_status_code, describe_kube_error};
+use crate::pull::outcome::classify;
+use crate::pull::plan::{DesiredSet, ExtraImages, PairKey, desired_pulls};
+use crate::pull::podspec::{PullPodParams, build_pull_pod, pair_of_pod};
+use crate::pull::targeting::{NodeTargeting, NodeView};
+use crate::pull::tracker::{BackoffPolicy, Outcome, Tracker, select_dispatch};
+use crate::pull::workload::WorkloadImages;
+
+/// What the workload watches were started for; a change restarts them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct WatchPlan {
+    labels: String,
+    kinds: Vec<WorkloadKind>,
+    namespaces: Vec<String>,
+}
+
+#[derive(Default)]
+struct WorkloadWatch {
+    objects: BTreeMap<String, WorkloadImages>,
+    buffer: Option<BTreeMap<String, WorkloadImages>>,
+    synced: bool,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+pub struct PrefetchActor {
+    shared: Arc<ClusterContext>,
+    prefetch: Arc<Prefetch>,
+    uid: String,
+    span: tracing::Span,
+    tracker: Tracker,
+    desired: DesiredSet,
+    nodes: Arc<BTreeMap<String, NodeView>>,
+    watch_plan: Option<WatchPlan>,
+    watches: BTreeMap<(WorkloadKind, String), WorkloadWatch>,
+    refused_namespaces: Vec<String>,
+    /// Pods we judged and asked to delete; their later events are noise.
+    judged: BTreeSet<String>,
+    pending_pods: Vec<Pod>,
+    /// Where each pair's pod was created, for deleting it once the pair is no
+    /// longer desired.
+    known_pod_namespaces: BTreeMap<PairKey, String>,
+    replan_queued: bool,
+    wakeup: Option<SpawnHandle>,
+    status_queued: bool,
+    last_status: Option<PrefetchStatus>,
+    last_phase: Option<Phase>,
+    shutting_down: bool,
+}
+
+impl PrefetchActor {
+    pub fn new(
+        shared: Arc<ClusterContext>,
+        prefetch: Prefetch,
+        nodes: Arc<BTreeMap<String, NodeView>>,
+        existing_pods: Vec<Pod>,
+    ) -> Self {
+        let uid = prefetch.uid().unwrap_or_default();
+        // Created inside the cluster's span, so the cluster name is inherited.
+        let span = info_span!(
+            "prefetch",
+            prefetch = %format!("{}/{}", prefetch.namespace().unwrap_or_default(), prefetch.name_any())
+        );
+        let backoff = &shared.config.backoff;
+        let policy = BackoffPolicy {
+            initial: backoff.initial,
+            max: backoff.max,
+            multiplier: backoff.multiplier,
+            max_attempts: backoff.max_attempts,
+            jitter: true,
+        };
+        let last_status = prefetch.status.clone();
+        PrefetchActor {
+            shared,
+            uid,
+            span,
+            tracker: Tracker::new(policy),
+            desired: DesiredSet::default(),
+            nodes,
+            watch_plan: None,
+            watches: BTreeMap::new(),
+            refused_namespaces: Vec::new(),
+            judged: BTreeSet::new(),
+            pending_pods: existing_pods,
+            known_pod_namespaces: BTreeMap::new(),
+            replan_queued: false,
+            wakeup: None,
+            status_queued: false,
+            last_phase: last_status.as_ref().and_then(|status| status.phase),
+            last_status,
+            shutting_down: false,
+            prefetch: Arc::new(prefetch),
+        }
+    }
+
+    fn namespace(&self) -> String {
+        self.prefetch.namespace().unwrap_or_default()
+    }
+
+    fn name(&self) -> String {
+        self.prefetch.name_any()
+    }
+
+    fn retry_after(&self) -> Duration {
+        match self.prefetch.spec.retry_after {
+            Some(seconds) if seconds > 0 => Duration::from_secs(seconds.unsigned_abs()),
+            _ => self.shared.config.defaults.retry_after,
+        }
+    }
+
+    fn pull_timeout_seconds(&self) -> i64 {
+        match self.prefetch.spec.pull_timeout_seconds {
+            Some(seconds) if seconds > 0 => seconds,
+            _ => i64::try_from(self.shared.config.defaults.pull_timeout.as_secs()).unwrap_or(600),
+        }
+    }
+
+    fn max_in_flight(&self) -> usize {
+        match self.prefetch.spec.max_parallel {
+            Some(cap) if cap > 0 => usize::try_from(cap).unwrap_or(usize::MAX),
+            _ => self.shared.config.defaults.max_parallel_per_prefetch,
+        }
+    }
+
+    /// Starts or restarts workload watches when the selector, kinds or
+    /// namespaces changed. Namespaces the policy refuses are not watched.
+    fn ensure_watches(&mut self, ctx: &mut Context<Self>) {
+        let spec = &self.prefetch.spec;
+        let own = self.namespace();
+        let requested: Vec<String> = if spec.namespaces.is_empty() {
+            vec![own.clone()]
+        } else {
+            let mut list = spec.namespaces.clone();
+            list.sort();
+            list.dedup();
+            list
+        };
+        let cross_allowed = self.shared.config.policy.cross_namespace;
+        let (namespaces, refused): (Vec<String>, Vec<String>) = requested
+            .into_iter()
+            .partition(|namespace| cross_allowed || *namespace == own);
+        self.refused_namespaces = refused;
+
+        // Like the original operator, an empty label filter selects no
+        // workloads (it would otherwise match every workload).
+        let kinds = if spec.filter_by_labels.is_empty() {
+            Vec::new()
+        } else {
+            spec.workload_kinds()
+        };
+        let labels = spec
+            .filter_by_labels
+            .iter()
+            .map(|(key, value)| format!("{key}={value}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let plan = WatchPlan {
+            labels,
+            kinds,
+            namespaces,
+        };
+        if self.watch_plan.as_ref() == Some(&plan) {
+            return;
+        }
+        for watch in self.watches.values_mut() {
+            if let Some(task) = watch.task.take() {
+                task.abort();
+            }
+        }
+        self.watches.clear();
+        for kind in &plan.kinds {
+            for namespace in &plan.namespaces {
+                let task = self.spawn_workload_watch(*kind, namespace, &plan.labels, ctx.address());
+                self.watches.insert(
+                    (*kind, namespace.clone()),
+                    WorkloadWatch {
+                        task: Some(task),
+                        ..WorkloadWatch::default()
+                    },
+                );
+            }
+        }
+        debug!(?plan, "workload watches (re)started");
+        self.watch_plan = Some(plan);
+    }
+
+    fn spawn_workload_watch(
+        &self,
+        kind: WorkloadKind,
+        namespace: &str,
+        labels: &str,
+        addr: Addr<Self>,
+    ) -> tokio::task::JoinHandle<()> {
+        let client = self.shared.client.clone();
+        let config = watcher::Config::default().labels(labels);
+        let span = self.span.clone();
+        let namespace = namespace.to_string();
+        let task = async move {
+            match kind {
+                WorkloadKind::Deployment => {
+                    watch_workloads::<Deployment>(client, namespace, config, kind, addr, |d| {
+                        d.spec.as_ref().and_then(|s| s.template.spec.as_ref())
+                    })
+                    .await
+                }
+                WorkloadKind::StatefulSet => {
+                    watch_workloads::<StatefulSet>(client, namespace, config, kind, addr, |s| {
+                        s.spec.as_ref().and_then(|s| s.template.spec.as_ref())
+                    })
+                    .await
+                }
+                WorkloadKind::DaemonSet => {
+                    watch_workloads::<DaemonSet>(client, namespace, config, kind, addr, |d| {
+                        d.spec.as_ref().and_then(|s| s.template.spec.as_ref())
+                    })
+                    .await
+                }
+                WorkloadKind::Job => {
+                    watch_workloads::<Job>(client, namespace, config, kind, addr, |j| {
+                        j.spec.as_ref().and_then(|s| s.template.spec.as_ref())
+                    })
+                    .await
+                }
+                WorkloadKind::CronJob => {
+                    watch_workloads::<CronJob>(client, namespace, config, kind, addr, |c| {
+                        c.spec
+                            .job_template
+                            .spec
+                            .as_ref()
+                            .and_then(|s| s.template.spec.as_ref())
+                    })
+                    .await
+                }
+            }
+        };
+        actix::spawn(task.instrument(span))
+    }
+
+    fn workloads_synced(&self) -> bool {
+        self.watches.values().all(|watch| watch.synced)
+    }
+
+    fn queue_replan(&mut self, ctx: &mut Context<Self>) {
+        if self.replan_queued || self.shutting_down {
+            return;
+        }
+        self.replan_queued = true;
+        // A short pause coalesces bursts of watch events into one plan.
+        ctx.run_later(Duration::from_millis(30), |actor, ctx| {
+            actor.replan_queued = false;
+            actor.replan(ctx);
+        });
+    }
+
+    fn replan(&mut self, ctx: &mut Context<Self>) {
+        let _span = self.span.clone().entered();
+        let spec = &self.prefetch.spec;
+        let nodes: Vec<NodeView> = self.nodes.values().cloned().collect();
+        let workloads: Vec<WorkloadImages> = self
+            .watches
+            .values()
+            .flat_map(|watch| watch.objects.values().cloned())
+            .collect();
+        let extra = ExtraImages {
+            images: spec.images.clone(),
+            namespace: self.namespace(),
+            image_pull_secrets: spec.image_pull_secrets.clone(),
+        };
+        let targeting = NodeTargeting {
+            node_filter: spec.node_filter.clone(),
+            node_selector: spec.node_selector.clone(),
+        };
+        let desired = desired_pulls(
+            &nodes,
+            &workloads,
+            &extra,
+            &targeting,
+            spec.respects_workload_scheduling(),
+            self.shared.config.policy.tolerate_all_taints,
+        );
+        self.tracker.set_desired(&desired);
+        let now = Instant::now();
+        let in_flight: BTreeSet<PairKey> = self
+            .tracker
+            .in_flight()
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
+        for key in desired.pairs.keys() {
+            let reported = self.nodes.get(&key.node).is_some_and(|node| {
+                crate::pull::image::node_has_image(&node.image_names, &key.image)
+            });
+            if reported && !in_flight.contains(key) {
+                self.tracker.node_reports_image(key, now);
+            }
+        }
+        self.desired = desired;
+
+        // Pods that existed before this actor (a restart) are adopted, not
+        // created again.
+        for pod in std::mem::take(&mut self.pending_pods) {
+            self.observe_pod(pod, ctx);
+        }
+        for (key, pod_name) in self.tracker.orphaned_in_flight() {
+            self.release_slot(&key.node);
+            self.delete_pod(&pod_name, &self.pod_namespace_of(&key), ctx);
+        }
+        self.dispatch(ctx);
+        self.queue_status(ctx);
+    }
+
+    /// The namespace a pair's pod lives in (the workload's, or the Prefetch's).
+    fn pod_namespace_of(&self, key: &PairKey) -> String {
+        self.desired
+            .pairs
+            .get(key)
+            .map(|target| target.namespace.clone())
+            .or_else(|| self.known_pod_namespaces.get(key).cloned())
+            .unwrap_or_else(|| self.namespace())
+    }
+
+    fn dispatch(&mut self, ctx: &mut Context<Self>) {
+        if self.shutting_down || self.prefetch.spec.is_suspended() || !self.workloads_synced() {
+            self.schedule_wakeup(ctx);
+            return;
+        }
+        let now = Instant::now();
+        let due = self.tracker.due(now, self.retry_after());
+        if due.is_empty() {
+            self.schedule_wakeup(ctx);
+            return;
+        }
+        let free = self
+            .max_in_flight()
+            .saturating_sub(self.tracker.in_flight_count());
+        let chosen = {
+            let mut budget = self.shared.budget();
+            select_dispatch(&due, free, &mut budget)
+        };
+        let helper_image = self.shared.config.policy.helper_image.clone();
+        let priority_class = self.shared.config.policy.priority_class.clone();
+        let timeout = self.pull_timeout_seconds();
+        let prefetch_namespace = self.namespace();
+        let prefetch_name = self.name();
+        for key in chosen {
+            let Some(target) = self.desired.pairs.get(&key).cloned() else {
+                self.release_slot(&key.node);
+                continue;
+            };
+            let pod = build_pull_pod(&PullPodParams {
+                prefetch_namespace: &prefetch_namespace,
+                prefetch_name: &prefetch_name,
+                prefetch_uid: &self.uid,
+                target: &target,
+                helper_image: &helper_image,
+                timeout_seconds: timeout,
+                priority_class: priority_class.as_deref(),
+            });
+            let pod_name = pod.name_any();
+            self.judged.remove(&pod_name);
+            self.tracker.on_dispatched(&key, &pod_name, now);
+            self.known_pod_namespaces
+                .insert(key.clone(), target.namespace.clone());
+            debug!(node = %key.node, image = %key.image, pod = %pod_name, "creating pull pod");
+            let api: Api<Pod> = Api::namespaced(self.shared.client.clone(), &target.namespace);
+            let create = async move { api.create(&PostParams::default(), &pod).await };
+            ctx.spawn(create.into_actor(self).map(move |result, actor, ctx| {
+                let _span = actor.span.clone().entered();
+                match result {
+                    Ok(_) => actor.shared.metrics.pull_created(&actor.shared.cluster),
+                    // Same name, same pair: created before a restart. The pod
+                    // watch reports its state like any other.
+                    Err(error) if api_status_code(&error) == Some(409) => {
+                        debug!(pod = %pod_name, "pull pod already exists; adopting it")
+                    }
+                    Err(error) => {
+                        let message = describe_kube_error(&error);
+                        warn!(node = %key.node, image = %key.image, error = %message, "could not create pull pod");
+                        actor.release_slot(&key.node);
+                        actor.record_outcome(
+                            &key,
+                            Outcome::Failed {
+                                reason: "PodCreateFailed".into(),
+                                message: format!("creating pull pod in namespace {}: {message}", target.namespace),
+                                permanent: false,
+                            },
+                            ctx,
+                        );
+                    }
+                }
+            }));
+        }
+        self.schedule_wakeup(ctx);
+        self.queue_status(ctx);
+    }
+
+    fn schedule_wakeup(&mut self, ctx: &mut Context<Self>) {
+        if let Some(handle) = self.wakeup.take() {
+            ctx.cancel_future(handle);
+        }
+        if self.shutting_down {
+            return;
+        }
+        let Some(at) = self
+            .tracker
+            .next_wakeup_after(Instant::now(), self.retry_after())
+        else {
+            return;
+        };
+        let delay = at.saturating_duration_since(Instant::now()) + Duration::from_millis(5);
+        self.wakeup = Some(ctx.run_later(delay, |actor, ctx| {
+            actor.wakeup = None;
+            actor.replan(ctx);
+        }));
+    }
+
+    fn release_slot(&self, node: &str) {
+        self.shared.budget().release(node);
+        self.shared.cluster_actor.do_send(SlotsFreed {
+            from_uid: self.uid.clone(),
+        });
+    }
+
+    fn record_outcome(&mut self, key: &PairKey, outcome: Outcome, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        match &outcome {
+            Outcome::Succeeded => {
+                info!(node = %key.node, image = %key.image, "image is on the node");
+                self.shared
+                    .metrics
+                    .pull_finished(&self.shared.cluster, "succeeded");
+            }
+            Outcome::Failed {
+                reason,
+                message,
+                permanent,
+            } => {
+                warn!(node = %key.node, image = %key.image, %reason, %message, permanent, "pull failed");
+                self.shared.metrics.pull_finished(
+                    &self.shared.cluster,
+                    if *permanent {
+                        "failed_permanent"
+                    } else {
+                        "failed"
+                    },
+                );
+                self.publish_event(
+                    EventType::Warning,
+                    "PullFailed",
+                    format!(
+                        "pulling {} on node {}: {reason}: {message}",
+                        key.image, key.node
+                    ),
+                );
+            }
+        }
+        self.tracker.on_outcome(key, outcome, now);
+        self.dispatch(ctx);
+    }
+
+    fn publish_event(&self, type_: EventType, reason: &str, note: String) {
+        let recorder = self.shared.recorder.clone();
+        let reference = self.prefetch.object_ref(&());
+        let event = KubeEvent {
+            type_,
+            reason: reason.to_string(),
+            // The events API caps notes at 1 kB.
+            note: Some(note.chars().take(1000).collect()),
+            action: "Prefetch".into(),
+            secondary: None,
+        };
+        actix::spawn(
+            async move {
+                if let Err(error) = recorder.publish(&event, &reference).await {
+                    warn!(error = %describe_kube_error(&error), "could not record event");
+                }
+            }
+            .instrument(self.span.clone()),
+        );
+    }
+
+    fn delete_pod(&self, name: &str, namespace: &str, ctx: &mut Context<Self>) {
+        let api: Api<Pod> = Api::namespaced(self.shared.client.clone(), namespace);
+        let name = name.to_string();
+        let delete = async move {
+            let params = DeleteParams {
+                grace_period_seconds: Some(0),
+                ..DeleteParams::default()
+            };
+            match api.delete(&name, &params).await {
+                Ok(_) => Ok(()),
+                Err(error) if api_status_code(&error) == Some(404) => Ok(()),
+                Err(error) => Err((name, describe_kube_error(&error))),
+            }
+        };
+        ctx.spawn(delete.into_actor(self).map(|result, actor, _| {
+            if let Err((name, error)) = result {
+                let _span = actor.span.clone().entered();
+                warn!(pod = %name, %error, "could not delete pull pod");
+            }
+        }));
+    }
+
+    /// Handles the current state of one of our pull pods.
+    fn observe_pod(&mut self, pod: Pod, ctx: &mut Context<Self>) {
+        let Some((uid, key)) = pair_of_pod(&pod) else {
+            return;
+        };
+        if uid != self.uid {
+            return;
+        }
+        let pod_name = pod.name_any();
+        let namespace = pod.namespace().unwrap_or_default();
+        if self.judged.contains(&pod_name) || pod.metadata.deletion_timestamp.is_some() {
+            return;
+        }
+        let tracked = self
+            .tracker
+            .in_flight()
+            .into_iter()
+            .any(|(k, name)| k == key && name == pod_name);
+        if !tracked {
+            if !self.desired.pairs.contains_key(&key) {
+                // Left over from an older plan (or before a restart).
+                self.judged.insert(pod_name.clone());
+                self.delete_pod(&pod_name, &namespace, ctx);
+                return;
+            }
+            // Found after a restart: take it over instead of creating another.
+            self.shared.budget().force_acquire(&key.node);
+            self.tracker.on_adopted(&key, &pod_name, Instant::now());
+            self.known_pod_namespaces
+                .insert(key.clone(), namespace.clone());
+            info!(pod = %pod_name, node = %key.node, image = %key.image, "adopted existing pull pod");
+        }
+        if let Some(outcome) = classify(&pod) {
+            self.judged.insert(pod_name.clone());
+            self.release_slot(&key.node);
+            self.delete_pod(&pod_name, &namespace, ctx);
+            self.record_outcome(&key, outcome, ctx);
+            self.queue_status(ctx);
+        }
+    }
+
+    fn queue_status(&mut self, ctx: &mut Context<Self>) {
+        if self.status_queued || self.shutting_down {
+            return;
+        }
+        self.status_queued = true;
+        let debounce = self.shared.config.defaults.status_debounce;
+        ctx.run_later(debounce, |actor, ctx| {
+            actor.status_queued = false;
+            actor.write_status(ctx);
+        });
+    }
+
+    fn compute_status(&self) -> PrefetchStatus {
+        let spec = &self.prefetch.spec;
+        let mut messages = Vec::new();
+        let mut phase = self.tracker.phase();
+        if !self.refused_namespaces.is_empty() {
+            phase = Phase::Failed;
+            messages.push(format!(
+                "namespaces {} refused: cross-namespace prefetching is disabled by policy (policy.cross_namespace = false)",
+                self.refused_namespaces.join(", ")
+            ));
+        }
+        if !self.desired.invalid_images.is_empty() {
+            phase = Phase::Failed;
+            let invalid: Vec<String> = self
+                .desired
+                .invalid_images
+                .iter()
+                .map(|error| error.to_string())
+                .collect();
+            messages.push(invalid.join("; "));
+        }
+        if !self.workloads_synced() && phase != Phase::Failed {
+            phase = Phase::Pending;
+        }
+        let counts = self.tracker.counts();
+        let failures = self.tracker.failures();
+        if phase == Phase::Failed
+            && let Some(first) = failures.iter().find(|failure| failure.attempts > 0)
+            && messages.is_empty()
+        {
+            messages.push(format!(
+                "{} of {} pulls failed; latest: {} on {}: {}: {}",
+                counts.failed,
+                counts.total,
+                first.image,
+                first.node,
+                first.reason,
+                first.last_error
+            ));
+        }
+        if spec.is_suspended() {
+            messages.push("suspended: no new pulls are started".into());
+        }
+        if phase == Phase::Ready && counts.total == 0 {
+            messages.push("nothing to prefetch: no targeted node or no image".into());
+        }
+        let message = (!messages.is_empty()).then(|| messages.join("; "));
+        let ready = phase == Phase::Ready;
+        let condition_status = if ready { "True" } else { "False" };
+        let previous = self
+            .last_status
+            .as_ref()
+            .and_then(|status| status.conditions.iter().find(|c| c.type_ == "Ready"));
+        let last_transition_time = match previous {
+            Some(condition) if condition.status == condition_status => {
+                condition.last_transition_time.clone()
+            }
+            _ => Timestamp::now().to_string(),
+        };
+        PrefetchStatus {
+            phase: Some(phase),
+            observed_generation: self.prefetch.metadata.generation,
+            images: self.desired.images.iter().cloned().collect(),
+            nodes: u32::try_from(self.desired.nodes.len()).unwrap_or(u32::MAX),
+            pulls: counts,
+            failures,
+            conditions: vec![Condition {
+                type_: "Ready".into(),
+                status: condition_status.into(),
+                reason: if ready {
+                    "AllImagesPresent".into()
+                } else {
+                    phase_reason(phase).into()
+                },
+                message: message.clone().unwrap_or_else(|| {
+                    if ready {
+                        "every targeted node has every image".into()
+                    } else {
+                        "pulls are in progress".into()
+                    }
+                }),
+                last_transition_time,
+            }],
+            last_sync_time: Some(Timestamp::now().to_string()),
+            message,
+        }
+    }
+
+    fn write_status(&mut self, ctx: &mut Context<Self>) {
+        if self.shutting_down {
+            return;
+        }
+        let _span = self.span.clone().entered();
+        let status = self.compute_status();
+        let phase = status.phase.unwrap_or(Phase::Pending);
+        self.shared.status.do_send(PrefetchReported {
+            cluster: self.shared.cluster.clone(),
+            summary: PrefetchSummary {
+                namespace: self.namespace(),
+                name: self.name(),
+                phase,
+                images: status.images.clone(),
+                nodes: status.nodes,
+                pulls: status.pulls.clone(),
+                message: status.message.clone(),
+                failures: status.failures.clone(),
+            },
+        });
+        if self.last_phase != Some(phase) {
+            info!(%phase, "phase changed");
+            if phase == Phase::Ready || phase == Phase::Failed {
+                let (type_, reason) = if phase == Phase::Ready {
+                    (EventType::Normal, "Ready")
+                } else {
+                    (EventType::Warning, "Failed")
+                };
+                self.publish_event(
+                    type_,
+                    reason,
+                    status
+                        .message
+                        .clone()
+                        .unwrap_or_else(|| format!("phase is {phase}")),
+                );
+            }
+            self.last_phase = Some(phase);
+        }
+        if self
+            .last_status
+            .as_ref()
+            .is_some_and(|last| same_apart_from_time(last, &status))
+        {
+            return;
+        }
+        self.last_status = Some(status.clone());
+        let api: Api<Prefetch> = Api::namespaced(self.shared.client.clone(), &self.namespace());
+        let name = self.name();
+        let patch = json!({ "status": status });
+        let write = async move {
+            api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+        };
+        ctx.spawn(write.into_actor(self).map(|result, actor, ctx| match result {
+            Ok(_) => actor.shared.metrics.status_written(&actor.shared.cluster),
+            Err(error) if api_status_code(&error) == Some(404) => {}
+            Err(error) => {
+                let _span = actor.span.clone().entered();
+                warn!(error = %describe_kube_error(&error), "could not write status; retrying");
+                actor.last_status = None;
+                actor.queue_status(ctx);
+            }
+        }));
+    }
+}
+
+fn phase_reason(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Pending => "Pending",
+        Phase::Running => "Pulling",
+        Phase::Ready => "AllImagesPresent",
+        Phase::Failed => "PullsFailed",
+    }
+}
+
+fn same_apart_from_time(a: &PrefetchStatus, b: &PrefetchStatus) -> bool {
+    let mut a = a.clone();
+    a.last_sync_time = b.last_sync_time.clone();
+    a == *b
+}
+
+/// Watches one workload kind in one namespace, forwarding each object's
+/// images and scheduling constraints to the PrefetchActor.
+async fn watch_workloads<K>(
+    client: kube::Client,
+    namespace: String,
+    config: watcher::Config,
+    kind: WorkloadKind,
+    addr: Addr<PrefetchActor>,
+    pod_spec: fn(&K) -> Option<&PodSpec>,
+) where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + 'static,
+{
+    let api: Api<K> = Api::namespaced(client, &namespace);
+    let describe = |object: &K| {
+        pod_spec(object)
+            .map(|spec| WorkloadImages::from_pod_spec(kind, &namespace, &object.name_any(), spec))
+    };
+    let mut stream = watcher(api, config).default_backoff().boxed();
+    while let Some(item) = stream.next().await {
+        let update = match item {
+            Ok(watcher::Event::Init) => WorkloadUpdate::Init,
+            Ok(watcher::Event::InitApply(object)) => {
+                WorkloadUpdate::InitApply(object.name_any(), describe(&object))
+            }
+            Ok(watcher::Event::InitDone) => WorkloadUpdate::InitDone,
+            Ok(watcher::Event::Apply(object)) => {
+                WorkloadUpdate::Apply(object.name_any(), describe(&object))
+            }
+            Ok(watcher::Event::Delete(object)) => WorkloadUpdate::Delete(object.name_any()),
+            Err(error) => {
+                warn!(%kind, %namespace, error = %error, "workload watch failed; retrying");
+                continue;
+            }
+        };
+        addr.do_send(WorkloadEvent {
+            kind,
+            namespace: namespace.clone(),
+            update,
+        });
+    }
+}
+
+pub enum WorkloadUpdate {
+    Init,
+    InitApply(String, Option<WorkloadImages>),
+    InitDone,
+    Apply(String, Option<WorkloadImages>),
+    Delete(String),
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct WorkloadEvent {
+    pub kind: WorkloadKind,
+    pub namespace: String,
+    pub update: WorkloadUpdate,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SpecChanged(pub Arc<Prefetch>);
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct NodesChanged(pub Arc<BTreeMap<String, NodeView>>);
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PodChanged(pub Pod);
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PodDeleted(pub Pod);
+
+/// Pull slots may have been freed elsewhere in the cluster.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Kick;
+
+/// The Prefetch was deleted: stop and remove in-flight pods.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
+impl Actor for PrefetchActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.ensure_watches(ctx);
+        self.queue_replan(ctx);
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        for watch in self.watches.values_mut() {
+            if let Some(task) = watch.task.take() {
+                task.abort();
+            }
+        }
+    }
+}
+
+impl Handler<SpecChanged> for PrefetchActor {
+    type Result = ();
+    fn handle(&mut self, SpecChanged(prefetch): SpecChanged, ctx: &mut Self::Context) {
+        let spec_changed = prefetch.spec != self.prefetch.spec;
+        self.prefetch = prefetch;
+        if spec_changed {
+            let _span = self.span.clone().entered();
+            info!("spec changed; re-planning");
+            self.ensure_watches(ctx);
+            self.queue_replan(ctx);
+        }
+    }
+}
+
+impl Handler<NodesChanged> for PrefetchActor {
+    type Result = ();
+    fn handle(&mut self, NodesChanged(nodes): NodesChanged, ctx: &mut Self::Context) {
+        self.nodes = nodes;
+        self.queue_replan(ctx);
+    }
+}
+
+impl Handler<WorkloadEvent> for PrefetchActor {
+    type Result = ();
+    fn handle(&mut self, msg: WorkloadEvent, ctx: &mut Self::Context) {
+        let Some(watch) = self.watches.get_mut(&(msg.kind, msg.namespace)) else {
+            return;
+        };
+        match msg.update {
+            WorkloadUpdate::Init => watch.buffer = Some(BTreeMap::new()),
+            WorkloadUpdate::InitApply(name, images) => {
+                if let Some(images) = images {
+                    watch
+                        .buffer
+                        .get_or_insert_with(BTreeMap::new)
+                        .insert(name, images);
+                }
+            }
+            WorkloadUpdate::InitDone => {
+                watch.objects = watch.buffer.take().unwrap_or_default();
+                watch.synced = true;
+                self.queue_replan(ctx);
+            }
+            WorkloadUpdate::Apply(name, images) => {
+                match images {
+                    Some(images) => watch.objects.insert(name, images),
+                    None => watch.objects.remove(&name),
+                };
+                self.queue_replan(ctx);
+            }
+            WorkloadUpdate::Delete(name) => {
+                watch.objects.remove(&name);
+                self.queue_replan(ctx);
+            }
+        }
+    }
+}
+
+impl Handler<PodChanged> for PrefetchActor {
+    type Result = ();
+    fn handle(&mut self, PodChanged(pod): PodChanged, ctx: &mut Self::Context) {
+        if self.shutting_down {
+            return;
+        }
+        let _span = self.span.clone().entered();
+        self.observe_pod(pod, ctx);
+    }
+}
+
+impl Handler<PodDeleted> for PrefetchActor {
+    type Result = ();
+    fn handle(&mut self, PodDeleted(pod): PodDeleted, ctx: &mut Self::Context) {
+        let pod_name = pod.name_any();
+        if self.judged.remove(&pod_name) || self.shutting_down {
+            return;
+        }
+        let Some((_, key)) = pair_of_pod(&pod) else {
+            return;
+        };
+        let was_in_flight = self
+            .tracker
+            .in_flight()
+            .into_iter()
+            .any(|(k, name)| k == key && name == pod_name);
+        if was_in_flight {
+            // Someone else deleted it before it was judged: try again.
+            let _span = self.span.clone().entered();
+            info!(pod = %pod_name, "pull pod deleted before it finished; retrying");
+            self.release_slot(&key.node);
+            self.tracker.on_pod_vanished(&key, Instant::now());
+            self.dispatch(ctx);
+        }
+    }
+}
+
+impl Handler<Kick> for PrefetchActor {
+    type Result = ();
+    fn handle(&mut self, _: Kick, ctx: &mut Self::Context) {
+        self.dispatch(ctx);
+    }
+}
+
+impl Handler<Shutdown> for PrefetchActor {
+    type Result = ();
+    fn handle(&mut self, _: Shutdown, ctx: &mut Self::Context) {
+        let _span = self.span.clone().entered();
+        self.shutting_down = true;
+        let in_flight = self.tracker.in_flight();
+        info!(
+            in_flight = in_flight.len(),
+            "stopping; removing in-flight pull pods"
+        );
+        let client = self.shared.client.clone();
+        let pods: Vec<(String, String)> = in_flight
+            .into_iter()
+            .map(|(key, name)| {
+                self.release_slot(&key.node);
+                (self.pod_namespace_of(&key), name)
+            })
+            .collect();
+        self.shared.status.do_send(PrefetchGone {
+            cluster: self.shared.cluster.clone(),
+            namespace: self.namespace(),
+            name: self.name(),
+        });
+        let cleanup = async move {
+            let params = DeleteParams {
+                grace_period_seconds: Some(0),
+                ..DeleteParams::default()
+            };
+            for (namespace, name) in pods {
+                let api: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+                if let Err(error) = api.delete(&name, &params).await
+                    && api_status_code(&error) != Some(404)
+                {
+                    warn!(pod = %name, error = %describe_kube_error(&error), "could not delete pull pod");
+                }
+            }
+        };
+        ctx.wait(cleanup.into_actor(self).map(|_, _, ctx| ctx.stop()));
+    }
+}

@@ -1,0 +1,74 @@
+//! The one error type of the runtime side: every variant says which cluster
+//! and what was being done.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cluster {cluster}: cannot read kubeconfig {}: {source}", path.display())]
+    ReadKubeconfig {
+        cluster: String,
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+
+    #[error("cluster {cluster}: cannot use context {context:?}: {source}")]
+    KubeconfigContext {
+        cluster: String,
+        context: String,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+
+    #[error("cluster {cluster}: cannot build a client: {source}")]
+    BuildClient {
+        cluster: String,
+        #[source]
+        source: kube::Error,
+    },
+
+    #[error("cluster {cluster}: {action}: {}", describe_kube_error(source))]
+    Kube {
+        cluster: String,
+        action: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl Error {
+    pub fn kube(cluster: &str, action: impl Into<String>, source: kube::Error) -> Self {
+        Error::Kube {
+            cluster: cluster.to_string(),
+            action: action.into(),
+            source,
+        }
+    }
+}
+
+/// The HTTP status of an API error, if the server answered at all.
+pub fn api_status_code(error: &kube::Error) -> Option<u16> {
+    match error {
+        kube::Error::Api(status) => Some(status.code),
+        _ => None,
+    }
+}
+
+/// A short, readable text for a client error: the server's message when it
+/// answered, the innermost cause otherwise (connection refused, TLS, ...).
+pub fn describe_kube_error(error: &kube::Error) -> String {
+    if let kube::Error::Api(status) = error {
+        return format!("{} (HTTP {})", status.message, status.code);
+    }
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
+}

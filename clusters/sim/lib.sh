@@ -14,10 +14,17 @@ SIM_RUN=${KUBE_PREFETCH_SIM_RUN:-$SIM_DIR/run}
 # Beside the run dir, not in it: `down` removes the run dir while holding it.
 SIM_LOCK=$SIM_RUN.lock
 
-# Ports per cluster index i (1-based): loopback only.
-etcd_client_port() { echo $((23790 + $1 * 10)); }
-etcd_peer_port() { echo $((23791 + $1 * 10)); }
-apiserver_port() { echo $((26440 + $1)); }
+# Ports per cluster index i (1-based): loopback only. An offset lets a second
+# checkout (say a CI clone) run its own clusters beside the usual ones, with
+# KUBE_PREFETCH_SIM_RUN pointing elsewhere too.
+SIM_PORT_OFFSET=${KUBE_PREFETCH_SIM_PORT_OFFSET:-0}
+if ! [[ $SIM_PORT_OFFSET =~ ^[0-9]+$ ]] || [ "$SIM_PORT_OFFSET" -gt 30000 ]; then
+  printf '[sim] error: KUBE_PREFETCH_SIM_PORT_OFFSET must be 0..30000\n' >&2
+  exit 1
+fi
+etcd_client_port() { echo $((23790 + SIM_PORT_OFFSET + $1 * 10)); }
+etcd_peer_port() { echo $((23791 + SIM_PORT_OFFSET + $1 * 10)); }
+apiserver_port() { echo $((26440 + SIM_PORT_OFFSET + $1)); }
 # The cluster index is part of every port, so it is bounded.
 # shellcheck disable=SC2034 # used by up
 SIM_MAX_CLUSTERS=9

@@ -291,6 +291,11 @@ pub fn unique_name(prefix: &str) -> String {
 
 /// Polls `check` every [`POLL_INTERVAL`] until it returns `Some`, failing
 /// after `timeout` with `what` and the last error `check` returned.
+///
+/// `check` returns a new future per poll, so that future cannot hold a
+/// `&mut` to the caller's state; to keep state between polls, share it, e.g.
+/// `let last = std::sync::Mutex::new(None); let last = &last;` and
+/// `move || async move { *last.lock().unwrap() = ...; ... }`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
 where
     F: FnMut() -> Fut,

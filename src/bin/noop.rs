@@ -70,14 +70,20 @@ fn install(dest: &Path) -> Result<(), String> {
 }
 
 /// Opens the running executable. `/proc/self/exe` works even when the file
-/// was replaced or deleted since we started; `current_exe` is the fallback
-/// when `/proc` is not mounted.
+/// was replaced or deleted since we started; without `/proc` (a bare chroot)
+/// we fall back to `current_exe`, then to `argv[0]` when it is a path.
 fn open_self() -> Result<File, String> {
     if let Ok(file) = File::open("/proc/self/exe") {
         return Ok(file);
     }
-    let path = std::env::current_exe()
-        .map_err(|error| format!("cannot find our own executable: {error}"))?;
+    let path = match std::env::current_exe() {
+        Ok(path) => path,
+        Err(error) => std::env::args_os()
+            .next()
+            .map(PathBuf::from)
+            .filter(|path| path.components().count() > 1)
+            .ok_or_else(|| format!("cannot find our own executable: {error}"))?,
+    };
     File::open(&path).map_err(|error| format!("cannot read {}: {error}", path.display()))
 }
 

@@ -66,7 +66,12 @@ pub struct ClusterActor {
     shared: Option<Arc<ClusterContext>>,
     connect_attempts: u32,
     prefetches: HashMap<String, PrefetchEntry>,
+    /// Prefetches seen before nodes and pull pods were listed: planning
+    /// earlier would see no nodes (and call that READY) or create pods that
+    /// already exist instead of adopting them.
+    waiting: BTreeMap<String, Prefetch>,
     prefetches_synced: bool,
+    nodes_synced: bool,
     prefetch_init_seen: BTreeSet<String>,
     nodes: Arc<BTreeMap<String, NodeView>>,
     nodes_buffer: Option<BTreeMap<String, NodeView>>,
@@ -95,7 +100,9 @@ impl ClusterActor {
             shared: None,
             connect_attempts: 0,
             prefetches: HashMap::new(),
+            waiting: BTreeMap::new(),
             prefetches_synced: false,
+            nodes_synced: false,
             prefetch_init_seen: BTreeSet::new(),
             nodes: Arc::new(BTreeMap::new()),
             nodes_buffer: None,
@@ -274,11 +281,28 @@ impl ClusterActor {
         }
         match self.prefetches.get(&uid) {
             Some(entry) => entry.addr.do_send(SpecChanged(Arc::new(prefetch))),
-            None => self.start_prefetch(prefetch),
+            None if self.nodes_synced && self.pods_synced => self.start_prefetch(prefetch),
+            None => {
+                self.waiting.insert(uid, prefetch);
+            }
         }
     }
 
+    fn start_waiting(&mut self) {
+        if !(self.nodes_synced && self.pods_synced) {
+            return;
+        }
+        for (_, prefetch) in std::mem::take(&mut self.waiting) {
+            self.start_prefetch(prefetch);
+        }
+    }
+
+    fn knows_prefetch(&self, uid: &str) -> bool {
+        self.prefetches.contains_key(uid) || self.waiting.contains_key(uid)
+    }
+
     fn stop_prefetch(&mut self, uid: &str) {
+        self.waiting.remove(uid);
         if let Some(entry) = self.prefetches.remove(uid) {
             info!(prefetch = %format!("{}/{}", entry.namespace, entry.name), "Prefetch deleted; stopping its work");
             entry.addr.do_send(Shutdown);
@@ -302,7 +326,9 @@ impl ClusterActor {
         match self.prefetches.get(&uid) {
             Some(entry) if deleted => entry.addr.do_send(PodDeleted(pod)),
             Some(entry) => entry.addr.do_send(PodChanged(pod)),
-            None if !deleted && self.prefetches_synced => self.delete_orphan(&pod),
+            None if !deleted && self.prefetches_synced && !self.knows_prefetch(&uid) => {
+                self.delete_orphan(&pod)
+            }
             None => {}
         }
     }
@@ -347,7 +373,7 @@ impl ClusterActor {
             .filter(|pod| {
                 pod.labels()
                     .get(PREFETCH_UID_LABEL)
-                    .is_none_or(|uid| !self.prefetches.contains_key(uid))
+                    .is_none_or(|uid| !self.knows_prefetch(uid))
             })
             .cloned()
             .collect();
@@ -496,6 +522,7 @@ impl Handler<PrefetchEvent> for ClusterActor {
                 let gone: Vec<String> = self
                     .prefetches
                     .keys()
+                    .chain(self.waiting.keys())
                     .filter(|uid| !self.prefetch_init_seen.contains(*uid))
                     .cloned()
                     .collect();
@@ -531,6 +558,8 @@ impl Handler<NodeEvent> for ClusterActor {
             watcher::Event::InitDone => {
                 let nodes = self.nodes_buffer.take().unwrap_or_default();
                 self.publish_nodes(nodes);
+                self.nodes_synced = true;
+                self.start_waiting();
             }
             watcher::Event::Apply(node) => {
                 let view = NodeView::from_node(&node);
@@ -578,6 +607,7 @@ impl Handler<PodEvent> for ClusterActor {
                 for pod in current {
                     self.route_pod(pod, false);
                 }
+                self.start_waiting();
                 self.sweep_orphans();
             }
             watcher::Event::Apply(pod) => {

@@ -10,7 +10,13 @@ export SIM_CLUSTERS SIM_NODES
 
 CARGO ?= cargo
 
-.PHONY: sim-build sim-up sim-down test
+.PHONY: demo sim-build sim-up sim-down test
+
+## Build, start $(SIM_CLUSTERS) simulated clusters, install the CRD and the
+## examples in each, and run kube-prefetch on all of them in the foreground,
+## showing progress until every Prefetch is READY (Ctrl-C stops it).
+demo:
+	deploy/demo.sh
 
 ## Build (or reuse the cached) kube-apiserver, kubectl, etcd and kwok.
 sim-build:

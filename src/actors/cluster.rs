@@ -10,10 +10,12 @@ use actix::prelude::*;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams};
+use kube::client::ClientBuilder;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
+use tower::limit::RateLimitLayer;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::actors::prefetch::{
@@ -132,7 +134,8 @@ impl ClusterActor {
 
     fn connect(&mut self, ctx: &mut Context<Self>) {
         let target = self.target.clone();
-        let fut = async move { connect(&target).await }.instrument(self.span.clone());
+        let api_qps = self.config.defaults.api_qps;
+        let fut = async move { connect(&target, api_qps).await }.instrument(self.span.clone());
         ctx.spawn(fut.into_actor(self).map(|result, actor, ctx| {
             let _span = actor.span.clone().entered();
             match result {
@@ -383,12 +386,13 @@ impl ClusterActor {
     }
 }
 
-async fn connect(target: &ClusterTarget) -> Result<(Client, String), ClusterHealth> {
-    let client = build_client(target)
-        .await
-        .map_err(|error| ClusterHealth::Unreachable {
-            reason: error.to_string(),
-        })?;
+async fn connect(target: &ClusterTarget, api_qps: f64) -> Result<(Client, String), ClusterHealth> {
+    let client =
+        build_client(target, Some(api_qps))
+            .await
+            .map_err(|error| ClusterHealth::Unreachable {
+                reason: error.to_string(),
+            })?;
     let version = client
         .apiserver_version()
         .await
@@ -416,9 +420,10 @@ async fn connect(target: &ClusterTarget) -> Result<(Client, String), ClusterHeal
     }
 }
 
-/// Builds a client for one kubeconfig context. Must run on the Arbiter that
-/// will use the client: its connection pool lives on that runtime.
-pub async fn build_client(target: &ClusterTarget) -> Result<Client, Error> {
+/// Builds a client for one kubeconfig context, limited to `api_qps`
+/// requests per second when given. Must run on the Arbiter that will use the
+/// client: its connection pool lives on that runtime.
+pub async fn build_client(target: &ClusterTarget, api_qps: Option<f64>) -> Result<Client, Error> {
     let kubeconfig =
         Kubeconfig::read_from(&target.kubeconfig).map_err(|source| Error::ReadKubeconfig {
             cluster: target.name.clone(),
@@ -437,10 +442,44 @@ pub async fn build_client(target: &ClusterTarget) -> Result<Client, Error> {
             source,
         })?;
     config.connect_timeout = Some(Duration::from_secs(5));
-    Client::try_from(config).map_err(|source| Error::BuildClient {
+    let builder = ClientBuilder::try_from(config).map_err(|source| Error::BuildClient {
         cluster: target.name.clone(),
         source,
+    })?;
+    Ok(match api_qps.and_then(request_rate) {
+        // Counts request starts; a long-running watch holds no slot.
+        Some(rate) => builder
+            .with_layer(&RateLimitLayer::new(rate.0, rate.1))
+            .build(),
+        None => builder.build(),
     })
+}
+
+/// `qps` as "n requests per period" for tower's rate limiter; `None` when
+/// the limit is off (zero, negative or not a number).
+fn request_rate(qps: f64) -> Option<(u64, Duration)> {
+    if !qps.is_finite() || qps <= 0.0 {
+        return None;
+    }
+    if qps >= 1.0 {
+        Some((qps.round() as u64, Duration::from_secs(1)))
+    } else {
+        Some((1, Duration::from_secs_f64(1.0 / qps)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_rate_turns_qps_into_requests_per_period() {
+        assert_eq!(request_rate(20.0), Some((20, Duration::from_secs(1))));
+        assert_eq!(request_rate(0.5), Some((1, Duration::from_secs(2))));
+        assert_eq!(request_rate(0.0), None);
+        assert_eq!(request_rate(-3.0), None);
+        assert_eq!(request_rate(f64::NAN), None);
+    }
 }
 
 fn watch_error_code(error: &watcher::Error) -> Option<u16> {

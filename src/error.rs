@@ -72,3 +72,13 @@ pub fn describe_kube_error(error: &kube::Error) -> String {
     }
     text
 }
+
+/// A readable text for a watch error (the underlying client error when there is one).
+pub fn describe_watch_error(error: &kube::runtime::watcher::Error) -> String {
+    match error {
+        kube::runtime::watcher::Error::InitialListFailed(source)
+        | kube::runtime::watcher::Error::WatchStartFailed(source)
+        | kube::runtime::watcher::Error::WatchFailed(source) => describe_kube_error(source),
+        other => other.to_string(),
+    }
+}

@@ -24,7 +24,7 @@ use crate::actors::prefetch::{
 use crate::actors::status::{ClusterHealth, ClusterHealthChanged, StatusActor};
 use crate::api::Prefetch;
 use crate::config::{ClusterTarget, Config};
-use crate::error::{Error, api_status_code, describe_kube_error};
+use crate::error::{Error, api_status_code, describe_kube_error, describe_watch_error};
 use crate::metrics::Metrics;
 use crate::pull::podspec::{PREFETCH_UID_LABEL, managed_selector};
 use crate::pull::targeting::NodeView;
@@ -488,15 +488,6 @@ fn watch_error_code(error: &watcher::Error) -> Option<u16> {
         | watcher::Error::WatchStartFailed(source)
         | watcher::Error::WatchFailed(source) => api_status_code(source),
         _ => None,
-    }
-}
-
-fn describe_watch_error(error: &watcher::Error) -> String {
-    match error {
-        watcher::Error::InitialListFailed(source)
-        | watcher::Error::WatchStartFailed(source)
-        | watcher::Error::WatchFailed(source) => describe_kube_error(source),
-        other => other.to_string(),
     }
 }
 

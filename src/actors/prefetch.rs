@@ -24,7 +24,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::actors::cluster::{ClusterContext, SlotsFreed};
 use crate::actors::status::{PrefetchGone, PrefetchReported, PrefetchSummary};
 use crate::api::{Condition, Phase, Prefetch, PrefetchStatus, WorkloadKind};
-use crate::error::{api_status_code, describe_kube_error};
+use crate::error::{api_status_code, describe_kube_error, describe_watch_error};
 use crate::pull::outcome::classify;
 use crate::pull::plan::{DesiredSet, ExtraImages, PairKey, desired_pulls};
 use crate::pull::podspec::{PullPodParams, build_pull_pod, pair_of_pod};
@@ -45,6 +45,8 @@ struct WorkloadWatch {
     objects: BTreeMap<String, WorkloadImages>,
     buffer: Option<BTreeMap<String, WorkloadImages>>,
     synced: bool,
+    /// The last error of a watch that has not listed its objects yet.
+    error: Option<String>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -590,6 +592,19 @@ impl PrefetchActor {
                 self.refused_namespaces.join(", ")
             ));
         }
+        let watch_errors: Vec<String> =
+            self.watches
+                .iter()
+                .filter_map(|((kind, namespace), watch)| {
+                    watch.error.as_ref().map(|error| {
+                        format!("cannot watch {kind}s in namespace {namespace}: {error}")
+                    })
+                })
+                .collect();
+        if !watch_errors.is_empty() {
+            phase = Phase::Failed;
+            messages.extend(watch_errors);
+        }
         if !self.desired.invalid_images.is_empty() {
             phase = Phase::Failed;
             let invalid: Vec<String> = self
@@ -784,8 +799,9 @@ async fn watch_workloads<K>(
             }
             Ok(watcher::Event::Delete(object)) => WorkloadUpdate::Delete(object.name_any()),
             Err(error) => {
-                warn!(%kind, %namespace, error = %error, "workload watch failed; retrying");
-                continue;
+                let message = describe_watch_error(&error);
+                warn!(%kind, %namespace, error = %message, "workload watch failed; retrying");
+                WorkloadUpdate::Failed(message)
             }
         };
         addr.do_send(WorkloadEvent {
@@ -802,6 +818,7 @@ pub enum WorkloadUpdate {
     InitDone,
     Apply(String, Option<WorkloadImages>),
     Delete(String),
+    Failed(String),
 }
 
 #[derive(Message)]
@@ -896,7 +913,14 @@ impl Handler<WorkloadEvent> for PrefetchActor {
             WorkloadUpdate::InitDone => {
                 watch.objects = watch.buffer.take().unwrap_or_default();
                 watch.synced = true;
+                watch.error = None;
                 self.queue_replan(ctx);
+            }
+            WorkloadUpdate::Failed(error) => {
+                if !watch.synced {
+                    watch.error = Some(error);
+                    self.queue_status(ctx);
+                }
             }
             WorkloadUpdate::Apply(name, images) => {
                 match images {

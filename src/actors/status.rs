@@ -144,12 +144,10 @@ impl Handler<ClusterRemoved> for StatusActor {
 impl Handler<ClusterHealthChanged> for StatusActor {
     type Result = ();
     fn handle(&mut self, msg: ClusterHealthChanged, _: &mut Self::Context) {
-        let view = self.cluster_mut(&msg.cluster);
-        if !matches!(msg.health, ClusterHealth::Connected { .. }) {
-            // What we knew about its Prefetches is stale once it is gone.
-            view.prefetches.clear();
-        }
-        view.health = msg.health;
+        // The Prefetches stay listed while a cluster is away: their last known
+        // state is more useful than nothing, and the cluster's state says
+        // it may be stale.
+        self.cluster_mut(&msg.cluster).health = msg.health;
     }
 }
 

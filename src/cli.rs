@@ -13,7 +13,7 @@ use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
 };
 use k8s_openapi::api::batch::v1::{CronJob, Job};
-use k8s_openapi::api::core::v1::{Node, PodSpec};
+use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, Resource, ResourceExt};
 use tracing::info;
@@ -27,7 +27,7 @@ use crate::error::{api_status_code, describe_kube_error};
 use crate::metrics::Metrics;
 use crate::pull::plan::{ExtraImages, desired_pulls};
 use crate::pull::targeting::{NodeTargeting, NodeView};
-use crate::pull::workload::WorkloadImages;
+use crate::pull::workload::{PodTemplated, WorkloadImages};
 
 const DEFAULT_CONFIG: &str = "config/kube-prefetch.toml";
 
@@ -321,11 +321,10 @@ async fn list_workloads<K>(
     client: &Client,
     namespace: &str,
     labels: &str,
-    kind: WorkloadKind,
-    pod_spec: fn(&K) -> Option<&PodSpec>,
 ) -> anyhow::Result<Vec<WorkloadImages>>
 where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + PodTemplated
         + Clone
         + serde::de::DeserializeOwned
         + std::fmt::Debug,
@@ -336,7 +335,8 @@ where
         .await
         .map_err(|error| {
             anyhow::anyhow!(
-                "listing {kind}s in {namespace}: {}",
+                "listing {}s in {namespace}: {}",
+                K::KIND,
                 describe_kube_error(&error)
             )
         })?;
@@ -344,8 +344,8 @@ where
         .items
         .iter()
         .filter_map(|object| {
-            pod_spec(object).map(|spec| {
-                WorkloadImages::from_pod_spec(kind, namespace, &object.name_any(), spec)
+            object.pod_spec().map(|spec| {
+                WorkloadImages::from_pod_spec(K::KIND, namespace, &object.name_any(), spec)
             })
         })
         .collect())
@@ -371,63 +371,27 @@ async fn plan_cluster(config: &Config, target: &ClusterTarget) -> anyhow::Result
     for prefetch in &prefetches.items {
         let own = prefetch.namespace().unwrap_or_default();
         let spec = &prefetch.spec;
-        let namespaces: Vec<String> = if spec.namespaces.is_empty() {
-            vec![own.clone()]
-        } else {
-            spec.namespaces
-                .iter()
-                .filter(|ns| config.policy.cross_namespace || **ns == own)
-                .cloned()
-                .collect()
-        };
-        let labels = spec
-            .filter_by_labels
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(",");
+        let (namespaces, _) = spec.workload_namespaces(&own, config.policy.cross_namespace);
+        let labels = spec.label_selector();
         let mut workloads = Vec::new();
-        if !spec.filter_by_labels.is_empty() {
-            for namespace in &namespaces {
-                for kind in spec.workload_kinds() {
-                    let found = match kind {
-                        WorkloadKind::Deployment => {
-                            list_workloads::<Deployment>(&client, namespace, &labels, kind, |d| {
-                                d.spec.as_ref().and_then(|s| s.template.spec.as_ref())
-                            })
-                            .await?
-                        }
-                        WorkloadKind::StatefulSet => {
-                            list_workloads::<StatefulSet>(&client, namespace, &labels, kind, |d| {
-                                d.spec.as_ref().and_then(|s| s.template.spec.as_ref())
-                            })
-                            .await?
-                        }
-                        WorkloadKind::DaemonSet => {
-                            list_workloads::<DaemonSet>(&client, namespace, &labels, kind, |d| {
-                                d.spec.as_ref().and_then(|s| s.template.spec.as_ref())
-                            })
-                            .await?
-                        }
-                        WorkloadKind::Job => {
-                            list_workloads::<Job>(&client, namespace, &labels, kind, |d| {
-                                d.spec.as_ref().and_then(|s| s.template.spec.as_ref())
-                            })
-                            .await?
-                        }
-                        WorkloadKind::CronJob => {
-                            list_workloads::<CronJob>(&client, namespace, &labels, kind, |d| {
-                                d.spec
-                                    .job_template
-                                    .spec
-                                    .as_ref()
-                                    .and_then(|s| s.template.spec.as_ref())
-                            })
-                            .await?
-                        }
-                    };
-                    workloads.extend(found);
-                }
+        for namespace in &namespaces {
+            for kind in spec.selected_workload_kinds() {
+                let found = match kind {
+                    WorkloadKind::Deployment => {
+                        list_workloads::<Deployment>(&client, namespace, &labels).await?
+                    }
+                    WorkloadKind::StatefulSet => {
+                        list_workloads::<StatefulSet>(&client, namespace, &labels).await?
+                    }
+                    WorkloadKind::DaemonSet => {
+                        list_workloads::<DaemonSet>(&client, namespace, &labels).await?
+                    }
+                    WorkloadKind::Job => list_workloads::<Job>(&client, namespace, &labels).await?,
+                    WorkloadKind::CronJob => {
+                        list_workloads::<CronJob>(&client, namespace, &labels).await?
+                    }
+                };
+                workloads.extend(found);
             }
         }
         let desired = desired_pulls(

@@ -12,7 +12,7 @@ use futures::StreamExt;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
-use k8s_openapi::api::core::v1::{Pod, PodSpec};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event as KubeEvent, EventType};
@@ -30,7 +30,7 @@ use crate::pull::plan::{DesiredSet, ExtraImages, PairKey, desired_pulls};
 use crate::pull::podspec::{PullPodParams, build_pull_pod, pair_of_pod};
 use crate::pull::targeting::{NodeTargeting, NodeView};
 use crate::pull::tracker::{BackoffPolicy, Outcome, Tracker, select_dispatch};
-use crate::pull::workload::WorkloadImages;
+use crate::pull::workload::{PodTemplated, WorkloadImages};
 
 /// What the workload watches were started for; a change restarts them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,34 +153,11 @@ impl PrefetchActor {
     /// namespaces changed. Namespaces the policy refuses are not watched.
     fn ensure_watches(&mut self, ctx: &mut Context<Self>) {
         let spec = &self.prefetch.spec;
-        let own = self.namespace();
-        let requested: Vec<String> = if spec.namespaces.is_empty() {
-            vec![own.clone()]
-        } else {
-            let mut list = spec.namespaces.clone();
-            list.sort();
-            list.dedup();
-            list
-        };
-        let cross_allowed = self.shared.config.policy.cross_namespace;
-        let (namespaces, refused): (Vec<String>, Vec<String>) = requested
-            .into_iter()
-            .partition(|namespace| cross_allowed || *namespace == own);
+        let (namespaces, refused) =
+            spec.workload_namespaces(&self.namespace(), self.shared.config.policy.cross_namespace);
         self.refused_namespaces = refused;
-
-        // Like the original operator, an empty label filter selects no
-        // workloads (it would otherwise match every workload).
-        let kinds = if spec.filter_by_labels.is_empty() {
-            Vec::new()
-        } else {
-            spec.workload_kinds()
-        };
-        let labels = spec
-            .filter_by_labels
-            .iter()
-            .map(|(key, value)| format!("{key}={value}"))
-            .collect::<Vec<_>>()
-            .join(",");
+        let kinds = spec.selected_workload_kinds();
+        let labels = spec.label_selector();
         let plan = WatchPlan {
             labels,
             kinds,
@@ -225,38 +202,17 @@ impl PrefetchActor {
         let task = async move {
             match kind {
                 WorkloadKind::Deployment => {
-                    watch_workloads::<Deployment>(client, namespace, config, kind, addr, |d| {
-                        d.spec.as_ref().and_then(|s| s.template.spec.as_ref())
-                    })
-                    .await
+                    watch_workloads::<Deployment>(client, namespace, config, addr).await
                 }
                 WorkloadKind::StatefulSet => {
-                    watch_workloads::<StatefulSet>(client, namespace, config, kind, addr, |s| {
-                        s.spec.as_ref().and_then(|s| s.template.spec.as_ref())
-                    })
-                    .await
+                    watch_workloads::<StatefulSet>(client, namespace, config, addr).await
                 }
                 WorkloadKind::DaemonSet => {
-                    watch_workloads::<DaemonSet>(client, namespace, config, kind, addr, |d| {
-                        d.spec.as_ref().and_then(|s| s.template.spec.as_ref())
-                    })
-                    .await
+                    watch_workloads::<DaemonSet>(client, namespace, config, addr).await
                 }
-                WorkloadKind::Job => {
-                    watch_workloads::<Job>(client, namespace, config, kind, addr, |j| {
-                        j.spec.as_ref().and_then(|s| s.template.spec.as_ref())
-                    })
-                    .await
-                }
+                WorkloadKind::Job => watch_workloads::<Job>(client, namespace, config, addr).await,
                 WorkloadKind::CronJob => {
-                    watch_workloads::<CronJob>(client, namespace, config, kind, addr, |c| {
-                        c.spec
-                            .job_template
-                            .spec
-                            .as_ref()
-                            .and_then(|s| s.template.spec.as_ref())
-                    })
-                    .await
+                    watch_workloads::<CronJob>(client, namespace, config, addr).await
                 }
             }
         };
@@ -770,20 +726,21 @@ async fn watch_workloads<K>(
     client: kube::Client,
     namespace: String,
     config: watcher::Config,
-    kind: WorkloadKind,
     addr: Addr<PrefetchActor>,
-    pod_spec: fn(&K) -> Option<&PodSpec>,
 ) where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + PodTemplated
         + Clone
         + serde::de::DeserializeOwned
         + std::fmt::Debug
         + Send
         + 'static,
 {
+    let kind = K::KIND;
     let api: Api<K> = Api::namespaced(client, &namespace);
     let describe = |object: &K| {
-        pod_spec(object)
+        object
+            .pod_spec()
             .map(|spec| WorkloadImages::from_pod_spec(kind, &namespace, &object.name_any(), spec))
     };
     let mut stream = watcher(api, config).default_backoff().boxed();

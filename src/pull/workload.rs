@@ -1,6 +1,8 @@
 //! What a workload contributes to the plan: its images and everything a
 //! pull pod needs to pull them exactly as the real pods would.
 
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::PodSpec;
 
 use crate::api::WorkloadKind;
@@ -63,6 +65,52 @@ impl WorkloadImages {
             image_pull_secrets,
             service_account,
         }
+    }
+}
+
+/// A workload kind whose pods come from a pod template.
+pub trait PodTemplated {
+    const KIND: WorkloadKind;
+    fn pod_spec(&self) -> Option<&PodSpec>;
+}
+
+impl PodTemplated for Deployment {
+    const KIND: WorkloadKind = WorkloadKind::Deployment;
+    fn pod_spec(&self) -> Option<&PodSpec> {
+        self.spec.as_ref().and_then(|s| s.template.spec.as_ref())
+    }
+}
+
+impl PodTemplated for StatefulSet {
+    const KIND: WorkloadKind = WorkloadKind::StatefulSet;
+    fn pod_spec(&self) -> Option<&PodSpec> {
+        self.spec.as_ref().and_then(|s| s.template.spec.as_ref())
+    }
+}
+
+impl PodTemplated for DaemonSet {
+    const KIND: WorkloadKind = WorkloadKind::DaemonSet;
+    fn pod_spec(&self) -> Option<&PodSpec> {
+        self.spec.as_ref().and_then(|s| s.template.spec.as_ref())
+    }
+}
+
+impl PodTemplated for Job {
+    const KIND: WorkloadKind = WorkloadKind::Job;
+    fn pod_spec(&self) -> Option<&PodSpec> {
+        self.spec.as_ref().and_then(|s| s.template.spec.as_ref())
+    }
+}
+
+impl PodTemplated for CronJob {
+    const KIND: WorkloadKind = WorkloadKind::CronJob;
+    fn pod_spec(&self) -> Option<&PodSpec> {
+        // A CronJob's pods come from its job template's pod template.
+        self.spec
+            .job_template
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
     }
 }
 

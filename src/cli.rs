@@ -130,6 +130,11 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let (config, targets) = load(&config_path)?;
     let system = actix::System::new();
     let result = system.block_on(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        let mut terminate =
+            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+
         let status = StatusActor::default().start();
         let metrics = Metrics::default();
         let listen = config.server.listen;
@@ -137,25 +142,46 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
         let server_handle = server.handle();
         actix::spawn(server);
         info!(%listen, clusters = targets.len(), "kube-prefetch running");
-        let supervisor = Supervisor::new(config_path, config, targets, status, metrics).start();
 
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-        let mut terminate =
-            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        loop {
+        // A standby serves its endpoints but touches no cluster.
+        let mut leadership = None;
+        if config.leader_election.enabled {
+            tokio::select! {
+                acquired = crate::leader::acquire(&config.leader_election) => leadership = Some(acquired?),
+                _ = terminate.recv() => return anyhow::Ok(()),
+                _ = tokio::signal::ctrl_c() => return anyhow::Ok(()),
+            }
+        }
+        let supervisor = Supervisor::new(config_path, config, targets, status, metrics).start();
+        let outcome = {
+            let lost = async {
+                match leadership.as_mut() {
+                    Some(leadership) => leadership.lost().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(lost);
+            loop {
             tokio::select! {
                 _ = hangup.recv() => {
                     info!("SIGHUP: reloading the config");
                     supervisor.do_send(Reload);
                 }
-                _ = terminate.recv() => break,
-                _ = tokio::signal::ctrl_c() => break,
+                _ = terminate.recv() => break Ok(()),
+                _ = tokio::signal::ctrl_c() => break Ok(()),
+                // Exiting is the safe answer: two active instances would
+                // fight over the same pods. The restarted process waits as
+                // a standby.
+                _ = &mut lost => break Err(anyhow::anyhow!("lost the leader lease; exiting")),
             }
-        }
+            }
+        };
         info!("shutting down");
         server_handle.stop(true).await;
-        anyhow::Ok(())
+        if let Some(leadership) = leadership {
+            leadership.release().await;
+        }
+        outcome
     });
     actix::System::current().stop();
     result

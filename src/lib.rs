@@ -6,5 +6,6 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod leader;
 pub mod metrics;
 pub mod pull;

@@ -94,6 +94,10 @@ pub struct Options {
     pub backoff_max: &'static str,
     pub backoff_multiplier: f32,
     pub max_attempts: u32,
+    /// Appended to the generated config file (e.g. a `[leader_election]` table).
+    pub extra_toml: String,
+    /// Extra environment variables of the process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -105,6 +109,8 @@ impl Default for Options {
             backoff_max: "10s",
             backoff_multiplier: 4.0,
             max_attempts: 3,
+            extra_toml: String::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -112,6 +118,7 @@ impl Default for Options {
 /// A running `kube-prefetch run` process.
 pub struct Orchestrator {
     child: Option<std::process::Child>,
+    env: Vec<(String, String)>,
     pub port: u16,
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
@@ -156,12 +163,14 @@ max_attempts = {attempts}
 cross_namespace = {cross}
 helper_image = "{HELPER_IMAGE}"
 
-{kubeconfig}"#,
+{kubeconfig}
+{extra}"#,
             initial = options.backoff_initial,
             max = options.backoff_max,
             multiplier = options.backoff_multiplier,
             attempts = options.max_attempts,
             cross = options.cross_namespace,
+            extra = options.extra_toml,
         );
         let config_path = dir.path().join("kube-prefetch.toml");
         std::fs::write(&config_path, config)?;
@@ -169,6 +178,7 @@ helper_image = "{HELPER_IMAGE}"
             .join("target/test-logs")
             .join(format!("{test}.log"));
         let mut orchestrator = Orchestrator {
+            env: options.env.clone(),
             child: None,
             port,
             dir,
@@ -196,6 +206,7 @@ helper_image = "{HELPER_IMAGE}"
             .arg(&self.config_path)
             .env("RUST_LOG", "info,kube_prefetch=debug")
             .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

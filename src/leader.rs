@@ -1,0 +1,108 @@
+//! Leader election, so that several replicas can run with one active: they
+//! compete for a Lease in the cluster kube-prefetch itself runs in (the
+//! in-cluster config, or `KUBECONFIG` outside a cluster), not in the targets.
+
+use std::time::Duration;
+
+use kube_lease_manager::{LeaseManager, LeaseManagerBuilder};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::config::LeaderElection;
+
+/// How long a lease stays valid without renewal, and how early the holder
+/// renews it: a standby takes over at most this long after a leader dies.
+const LEASE_DURATION_SECONDS: u64 = 15;
+const LEASE_GRACE_SECONDS: u64 = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaderError {
+    #[error(
+        "leader election: cannot build a client for the home cluster (in-cluster config or KUBECONFIG): {0}"
+    )]
+    HomeClient(#[source] kube::Error),
+    #[error("leader election: cannot use Lease {namespace}/{name} in the home cluster: {source}")]
+    Lease {
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube_lease_manager::LeaseManagerError,
+    },
+    #[error("leader election: the lease manager stopped before this instance became the leader")]
+    Stopped,
+}
+
+/// Held while this instance is the leader; dropping it releases the Lease.
+pub struct Leadership {
+    state: watch::Receiver<bool>,
+    manager: JoinHandle<Result<LeaseManager, kube_lease_manager::LeaseManagerError>>,
+}
+
+/// A name for this instance: the pod's name in a cluster, else host and pid.
+fn identity() -> String {
+    std::env::var("POD_NAME")
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "kube-prefetch".into());
+            format!("{host}-{}", std::process::id())
+        })
+}
+
+/// Waits until this instance holds the Lease.
+pub async fn acquire(settings: &LeaderElection) -> Result<Leadership, LeaderError> {
+    let client = kube::Client::try_default()
+        .await
+        .map_err(LeaderError::HomeClient)?;
+    let identity = identity();
+    let manager = LeaseManagerBuilder::new(client, &settings.lease_name)
+        .with_namespace(&settings.namespace)
+        .with_identity(&identity)
+        .with_duration(LEASE_DURATION_SECONDS)
+        .with_grace(LEASE_GRACE_SECONDS)
+        .build()
+        .await
+        .map_err(|source| LeaderError::Lease {
+            namespace: settings.namespace.clone(),
+            name: settings.lease_name.clone(),
+            source,
+        })?;
+    let (mut state, manager) = manager.watch().await;
+    info!(%identity, lease = %format!("{}/{}", settings.namespace, settings.lease_name), "waiting to become the leader");
+    while !*state.borrow_and_update() {
+        if state.changed().await.is_err() {
+            return Err(LeaderError::Stopped);
+        }
+    }
+    info!(%identity, "became the leader");
+    Ok(Leadership { state, manager })
+}
+
+impl Leadership {
+    /// Resolves when the Lease is lost (another instance took it, or it
+    /// could not be renewed in time).
+    pub async fn lost(&mut self) {
+        loop {
+            if !*self.state.borrow_and_update() {
+                return;
+            }
+            if self.state.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Gives the Lease up so that a standby takes over at once.
+    pub async fn release(self) {
+        drop(self.state);
+        match tokio::time::timeout(Duration::from_secs(5), self.manager).await {
+            Ok(Ok(Ok(_))) => info!("released the leader lease"),
+            Ok(Ok(Err(error))) => warn!(%error, "could not release the leader lease"),
+            Ok(Err(error)) => warn!(%error, "lease manager task failed"),
+            Err(_) => warn!("releasing the leader lease timed out"),
+        }
+    }
+}

@@ -198,14 +198,28 @@ fn block_on<F: std::future::Future>(future: F) -> anyhow::Result<F::Output> {
 
 /// The verbs kube-prefetch needs in each target cluster.
 const REQUIRED_ACCESS: &[(&str, &str, &str)] = &[
+    ("cache.techsquad.rocks", "prefetches", "list"),
     ("cache.techsquad.rocks", "prefetches", "watch"),
     ("cache.techsquad.rocks", "prefetches/status", "patch"),
+    ("", "nodes", "list"),
     ("", "nodes", "watch"),
+    ("", "pods", "list"),
     ("", "pods", "watch"),
     ("", "pods", "create"),
     ("", "pods", "delete"),
+    ("apps", "deployments", "list"),
     ("apps", "deployments", "watch"),
+    ("apps", "statefulsets", "list"),
+    ("apps", "statefulsets", "watch"),
+    ("apps", "daemonsets", "list"),
+    ("apps", "daemonsets", "watch"),
+    ("batch", "jobs", "list"),
+    ("batch", "jobs", "watch"),
+    ("batch", "cronjobs", "list"),
+    ("batch", "cronjobs", "watch"),
+    // The event recorder creates an event, then patches it into a series.
     ("events.k8s.io", "events", "create"),
+    ("events.k8s.io", "events", "patch"),
 ];
 
 fn check(config_path: PathBuf) -> anyhow::Result<ExitCode> {

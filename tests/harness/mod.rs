@@ -177,6 +177,9 @@ helper_image = "{HELPER_IMAGE}"
         let log_path = support::repo_root()
             .join("target/test-logs")
             .join(format!("{test}.log"));
+        // One log per test name, fresh for each run; a restart within the
+        // run (`spawn` again) appends.
+        let _ = std::fs::remove_file(&log_path);
         let mut orchestrator = Orchestrator {
             env: options.env.clone(),
             child: None,

@@ -1,0 +1,926 @@
+//! Benchmarks of the pure planning hot paths (`src/pull/`) at fleet scale.
+//!
+//! `cargo bench --bench planning [-- FILTER]` prints one table row per
+//! benchmark: median, fastest and slowest time per operation over several
+//! samples, and heap allocations and bytes allocated per operation (counted
+//! by a wrapping global allocator, so memory is measured, not guessed). A
+//! second table gives the heap retained by the big structures an actor keeps
+//! (the desired set, the tracker). FILTER keeps benchmarks whose name
+//! contains it. See BENCHMARKS.md for the numbers and how to read them.
+//!
+//! Plain `std::time::Instant` and no harness crate: the project wants no new
+//! dependency for this, and median-of-samples is all we report.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::{BTreeMap, BTreeSet};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{
+    NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, Taint, Toleration,
+};
+use kube_prefetch::api::WorkloadKind;
+use kube_prefetch::pull::image::{node_has_image, normalize};
+use kube_prefetch::pull::plan::{DesiredSet, ExtraImages, PairKey, PullTarget, desired_pulls};
+use kube_prefetch::pull::podspec::{PullPodParams, build_pull_pod};
+use kube_prefetch::pull::targeting::{NodeTargeting, NodeView, SchedulingConstraints};
+use kube_prefetch::pull::tracker::{BackoffPolicy, Budget, Outcome, Tracker, select_dispatch};
+use kube_prefetch::pull::workload::WorkloadImages;
+
+// ---------------------------------------------------------------------------
+// Allocation counting
+
+/// Counts every allocation of the process. Relaxed atomics: the benchmark is
+/// single-threaded, and the counters are read only between samples.
+struct CountingAlloc;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+static BYTES_ALLOCATED: AtomicU64 = AtomicU64::new(0);
+static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+fn record_alloc(size: usize) {
+    ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+    BYTES_ALLOCATED.fetch_add(size as u64, Ordering::Relaxed);
+    LIVE_BYTES.fetch_add(size, Ordering::Relaxed);
+}
+
+// SAFETY: every call is forwarded unchanged to the system allocator; the
+// wrapper only updates counters.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: same contract as ours.
+        let ptr = unsafe { System.alloc(layout) };
+        if !ptr.is_null() {
+            record_alloc(layout.size());
+        }
+        ptr
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: same contract as ours.
+        let ptr = unsafe { System.alloc_zeroed(layout) };
+        if !ptr.is_null() {
+            record_alloc(layout.size());
+        }
+        ptr
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: same contract as ours.
+        let new = unsafe { System.realloc(ptr, layout, new_size) };
+        if !new.is_null() {
+            // A realloc is a fresh allocation as far as cost goes; live
+            // bytes move by the difference.
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+            BYTES_ALLOCATED.fetch_add(new_size as u64, Ordering::Relaxed);
+            LIVE_BYTES.fetch_add(new_size, Ordering::Relaxed);
+            LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+        }
+        new
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
+fn alloc_counters() -> (u64, u64) {
+    (
+        ALLOCATIONS.load(Ordering::Relaxed),
+        BYTES_ALLOCATED.load(Ordering::Relaxed),
+    )
+}
+
+/// Heap bytes that building `make`'s value leaves allocated, with the value.
+fn retained<T>(make: impl FnOnce() -> T) -> (T, usize) {
+    let before = LIVE_BYTES.load(Ordering::Relaxed);
+    let value = make();
+    let after = LIVE_BYTES.load(Ordering::Relaxed);
+    (value, after.saturating_sub(before))
+}
+
+// ---------------------------------------------------------------------------
+// Measurement
+
+/// Wall time per benchmark, spread over its samples. Small on purpose: the
+/// machine is shared. Benchmarks slower than TIME_BUDGET / MIN_SAMPLES still
+/// get MIN_SAMPLES samples, so a full run takes about a minute.
+const TIME_BUDGET: Duration = Duration::from_millis(400);
+/// A sample repeats the routine until it lasts at least this long, so timer
+/// resolution and loop overhead do not dominate nanosecond-scale operations.
+const MIN_SAMPLE: Duration = Duration::from_millis(2);
+const MIN_SAMPLES: usize = 5;
+const MAX_SAMPLES: usize = 200;
+
+struct Row {
+    name: String,
+    /// Operations per routine call (e.g. 12 references normalised per call).
+    ops_per_call: usize,
+    samples: usize,
+    calls_per_sample: usize,
+    /// Nanoseconds per operation.
+    median: f64,
+    fastest: f64,
+    slowest: f64,
+    allocs_per_op: f64,
+    bytes_per_op: f64,
+    note: String,
+}
+
+struct Bench {
+    filter: Option<String>,
+    rows: Vec<Row>,
+    retained: Vec<(String, usize, String)>,
+}
+
+impl Bench {
+    fn wants(&self, name: &str) -> bool {
+        self.filter
+            .as_deref()
+            .is_none_or(|filter| name.contains(filter))
+    }
+
+    /// Times `routine`, whose result is dropped inside the timed region:
+    /// freeing what an operation allocated is part of its real cost.
+    fn run<R>(
+        &mut self,
+        name: &str,
+        ops_per_call: usize,
+        note: &str,
+        mut routine: impl FnMut() -> R,
+    ) {
+        self.run_with_setup(name, ops_per_call, note, || (), |_| routine());
+    }
+
+    /// Times `routine` on inputs made by `setup` outside the timed region
+    /// (e.g. a fresh tracker); the inputs are dropped outside it too.
+    fn run_with_setup<T, R>(
+        &mut self,
+        name: &str,
+        ops_per_call: usize,
+        note: &str,
+        mut setup: impl FnMut() -> T,
+        mut routine: impl FnMut(&mut T) -> R,
+    ) {
+        if !self.wants(name) {
+            return;
+        }
+        // Warm-up call, which also calibrates the sample size.
+        let mut input = setup();
+        let start = Instant::now();
+        drop(black_box(routine(black_box(&mut input))));
+        let once = start.elapsed().max(Duration::from_nanos(1));
+        drop(input);
+
+        let calls_per_sample = usize::try_from(MIN_SAMPLE.as_nanos() / once.as_nanos())
+            .unwrap_or(usize::MAX)
+            .clamp(1, 100_000);
+        let per_sample = once * u32::try_from(calls_per_sample).unwrap_or(u32::MAX);
+        let samples = usize::try_from(TIME_BUDGET.as_nanos() / per_sample.as_nanos().max(1))
+            .unwrap_or(usize::MAX)
+            .clamp(MIN_SAMPLES, MAX_SAMPLES);
+
+        let ops = (calls_per_sample * ops_per_call) as f64;
+        let mut per_op: Vec<f64> = Vec::with_capacity(samples);
+        let mut allocs = 0u64;
+        let mut bytes = 0u64;
+        for _ in 0..samples {
+            let mut inputs: Vec<T> = (0..calls_per_sample).map(|_| setup()).collect();
+            let (allocs_before, bytes_before) = alloc_counters();
+            let start = Instant::now();
+            for input in &mut inputs {
+                drop(black_box(routine(black_box(input))));
+            }
+            let elapsed = start.elapsed();
+            let (allocs_after, bytes_after) = alloc_counters();
+            drop(inputs);
+            allocs += allocs_after - allocs_before;
+            bytes += bytes_after - bytes_before;
+            per_op.push(elapsed.as_nanos() as f64 / ops);
+        }
+        per_op.sort_by(f64::total_cmp);
+        let total_ops = ops * samples as f64;
+        let row = Row {
+            name: name.to_string(),
+            ops_per_call,
+            samples,
+            calls_per_sample,
+            median: median(&per_op),
+            fastest: per_op[0],
+            slowest: per_op[per_op.len() - 1],
+            allocs_per_op: allocs as f64 / total_ops,
+            bytes_per_op: bytes as f64 / total_ops,
+            note: note.to_string(),
+        };
+        eprintln!("  {:<44} {:>10}", row.name, format_ns(row.median));
+        self.rows.push(row);
+    }
+
+    fn record_retained(&mut self, name: &str, bytes: usize, note: String) {
+        if self.wants(name) {
+            self.retained.push((name.to_string(), bytes, note));
+        }
+    }
+
+    fn print(&self) {
+        println!();
+        println!(
+            "| benchmark | median / op | fastest | slowest | allocs / op | bytes / op | samples x calls x ops | note |"
+        );
+        println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |");
+        for row in &self.rows {
+            println!(
+                "| {} | {} | {} | {} | {:.1} | {} | {} x {} x {} | {} |",
+                row.name,
+                format_ns(row.median),
+                format_ns(row.fastest),
+                format_ns(row.slowest),
+                row.allocs_per_op,
+                format_bytes(row.bytes_per_op),
+                row.samples,
+                row.calls_per_sample,
+                row.ops_per_call,
+                row.note,
+            );
+        }
+        if !self.retained.is_empty() {
+            println!();
+            println!("| retained heap | bytes | note |");
+            println!("| --- | ---: | --- |");
+            for (name, bytes, note) in &self.retained {
+                println!("| {name} | {} | {note} |", format_bytes(*bytes as f64));
+            }
+        }
+    }
+}
+
+fn median(sorted: &[f64]) -> f64 {
+    let mid = sorted.len() / 2;
+    if sorted.len().is_multiple_of(2) {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    } else {
+        sorted[mid]
+    }
+}
+
+fn format_ns(ns: f64) -> String {
+    if ns >= 1e9 {
+        format!("{:.2} s", ns / 1e9)
+    } else if ns >= 1e6 {
+        format!("{:.2} ms", ns / 1e6)
+    } else if ns >= 1e3 {
+        format!("{:.2} µs", ns / 1e3)
+    } else {
+        format!("{ns:.0} ns")
+    }
+}
+
+fn format_bytes(bytes: f64) -> String {
+    if bytes >= 1024.0 * 1024.0 {
+        format!("{:.1} MiB", bytes / (1024.0 * 1024.0))
+    } else if bytes >= 1024.0 {
+        format!("{:.1} KiB", bytes / 1024.0)
+    } else {
+        format!("{bytes:.0} B")
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Fleet data: shaped like a production cluster, not like a unit test
+
+/// References as they appear in pod templates: short Docker Hub names,
+/// tags, digests, registry ports, deep ECR paths.
+const REFERENCES: &[&str] = &[
+    "nginx",
+    "nginx:1.27.3",
+    "library/redis:7.4-alpine",
+    "docker.io/bitnami/postgresql:16.4.0-debian-12-r14",
+    "registry.k8s.io/pause:3.10",
+    "gcr.io/distroless/static-debian12:nonroot",
+    "quay.io/prometheus/node-exporter:v1.8.2",
+    "ghcr.io/acme/payments-api@sha256:4f1b3c2d9a8e7f6051423b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e",
+    "ghcr.io/acme/checkout:2.14.0@sha256:0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9",
+    "localhost:5000/team/app:dev",
+    "123456789012.dkr.ecr.eu-west-1.amazonaws.com/platform/ingest-worker:2024.10.1",
+    "docker.io/istio/proxyv2:1.24.1",
+];
+
+const ZONES: &[&str] = &["eu-west-1a", "eu-west-1b", "eu-west-1c"];
+const INSTANCE_TYPES: &[&str] = &["m6i.2xlarge", "m6i.4xlarge", "c6i.4xlarge", "r6i.2xlarge"];
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(key, value)| (key.to_string(), value.to_string()))
+        .collect()
+}
+
+fn taint(key: &str, value: Option<&str>, effect: &str) -> Taint {
+    Taint {
+        key: key.to_string(),
+        value: value.map(str::to_string),
+        effect: effect.to_string(),
+        ..Taint::default()
+    }
+}
+
+fn toleration(key: &str, operator: &str, value: Option<&str>, effect: Option<&str>) -> Toleration {
+    Toleration {
+        key: Some(key.to_string()),
+        operator: Some(operator.to_string()),
+        value: value.map(str::to_string),
+        effect: effect.map(str::to_string),
+        ..Toleration::default()
+    }
+}
+
+fn requirement(key: &str, operator: &str, values: &[&str]) -> NodeSelectorRequirement {
+    NodeSelectorRequirement {
+        key: key.to_string(),
+        operator: operator.to_string(),
+        values: (!values.is_empty()).then(|| values.iter().map(|v| v.to_string()).collect()),
+    }
+}
+
+fn affinity(terms: Vec<Vec<NodeSelectorRequirement>>) -> NodeSelector {
+    NodeSelector {
+        node_selector_terms: terms
+            .into_iter()
+            .map(|expressions| NodeSelectorTerm {
+                match_expressions: Some(expressions),
+                match_fields: None,
+            })
+            .collect(),
+    }
+}
+
+/// The `status.images[].names` a busy node reports: the kubelet's maximum
+/// of 50 images, each as `repo@sha256:...` and `repo:tag`.
+fn reported_images(node_index: usize) -> Vec<String> {
+    let mut names = Vec::with_capacity(100);
+    for image in 0..50 {
+        // A few images differ per node so not every list is identical.
+        let repository = format!(
+            "registry.example.com/team-{}/service-{}",
+            image % 7,
+            (image + node_index % 3) % 50
+        );
+        names.push(format!("{repository}@sha256:{:064x}", image * 7919 + 1));
+        names.push(format!("{repository}:v1.{image}.0"));
+    }
+    names
+}
+
+/// `count` nodes: 3 tainted control planes, then workers spread over zones,
+/// instance types and pools; every 10th is a tainted GPU node, every 7th a
+/// dedicated batch node, every 25th arm64, a few NotReady or cordoned.
+fn nodes(count: usize) -> Vec<NodeView> {
+    (0..count)
+        .map(|index| {
+            let control_plane = index < 3;
+            let name = if control_plane {
+                format!("prod-eu-1-control-plane-{index}")
+            } else {
+                format!("prod-eu-1-worker-{index:05}")
+            };
+            let zone = ZONES[index % ZONES.len()];
+            let arch = if index % 25 == 24 { "arm64" } else { "amd64" };
+            let gpu = !control_plane && index % 10 == 9;
+            let batch = !control_plane && index % 7 == 6;
+            let pool = if gpu {
+                "gpu"
+            } else if batch {
+                "batch"
+            } else {
+                "general"
+            };
+            let mut node_labels = labels(&[
+                ("kubernetes.io/hostname", &name),
+                ("kubernetes.io/os", "linux"),
+                ("kubernetes.io/arch", arch),
+                ("beta.kubernetes.io/os", "linux"),
+                ("beta.kubernetes.io/arch", arch),
+                ("topology.kubernetes.io/region", "eu-west-1"),
+                ("topology.kubernetes.io/zone", zone),
+                (
+                    "node.kubernetes.io/instance-type",
+                    INSTANCE_TYPES[index % INSTANCE_TYPES.len()],
+                ),
+                ("acme.io/pool", pool),
+                ("acme.io/cost-center", "platform"),
+            ]);
+            let mut taints = Vec::new();
+            if control_plane {
+                node_labels.insert(
+                    "node-role.kubernetes.io/control-plane".into(),
+                    String::new(),
+                );
+                taints.push(taint(
+                    "node-role.kubernetes.io/control-plane",
+                    None,
+                    "NoSchedule",
+                ));
+            }
+            if gpu {
+                node_labels.insert("nvidia.com/gpu.present".into(), "true".into());
+                taints.push(taint("nvidia.com/gpu", Some("present"), "NoSchedule"));
+            }
+            if batch {
+                taints.push(taint("dedicated", Some("batch"), "NoSchedule"));
+                taints.push(taint("acme.io/spot", None, "PreferNoSchedule"));
+            }
+            NodeView {
+                name,
+                labels: node_labels,
+                taints,
+                ready: index % 97 != 50,
+                unschedulable: index % 113 == 60,
+                image_names: reported_images(index),
+            }
+        })
+        .collect()
+}
+
+/// Ten workloads of five images each (one shared sidecar), with the
+/// scheduling constraints real teams write.
+fn workloads() -> Vec<WorkloadImages> {
+    let linux = labels(&[("kubernetes.io/os", "linux")]);
+    let scheduling: Vec<SchedulingConstraints> = vec![
+        // 0: no constraints at all.
+        SchedulingConstraints::default(),
+        // 1: nodeSelector only.
+        SchedulingConstraints {
+            node_selector: linux.clone(),
+            ..SchedulingConstraints::default()
+        },
+        // 2: batch pool, tolerates its taint.
+        SchedulingConstraints {
+            node_selector: labels(&[("acme.io/pool", "batch")]),
+            tolerations: vec![toleration(
+                "dedicated",
+                "Equal",
+                Some("batch"),
+                Some("NoSchedule"),
+            )],
+            ..SchedulingConstraints::default()
+        },
+        // 3: two zones by required node affinity.
+        SchedulingConstraints {
+            required_node_affinity: Some(affinity(vec![vec![requirement(
+                "topology.kubernetes.io/zone",
+                "In",
+                &["eu-west-1a", "eu-west-1b"],
+            )]])),
+            ..SchedulingConstraints::default()
+        },
+        // 4: amd64 and not the memory-optimised type; two ORed terms.
+        SchedulingConstraints {
+            required_node_affinity: Some(affinity(vec![
+                vec![
+                    requirement("kubernetes.io/arch", "In", &["amd64"]),
+                    requirement(
+                        "node.kubernetes.io/instance-type",
+                        "NotIn",
+                        &["r6i.2xlarge"],
+                    ),
+                ],
+                vec![requirement("acme.io/pool", "In", &["batch"])],
+            ])),
+            ..SchedulingConstraints::default()
+        },
+        // 5: GPU nodes only.
+        SchedulingConstraints {
+            node_selector: labels(&[("nvidia.com/gpu.present", "true")]),
+            tolerations: vec![toleration("nvidia.com/gpu", "Exists", None, None)],
+            ..SchedulingConstraints::default()
+        },
+        // 6: DaemonSet-like: tolerates everything.
+        SchedulingConstraints {
+            tolerations: vec![Toleration {
+                operator: Some("Exists".into()),
+                ..Toleration::default()
+            }],
+            ..SchedulingConstraints::default()
+        },
+        // 7: affinity with Exists/DoesNotExist, plus the usual NoExecute
+        // tolerations every pod gets from admission.
+        SchedulingConstraints {
+            node_selector: linux.clone(),
+            required_node_affinity: Some(affinity(vec![vec![
+                requirement("acme.io/cost-center", "Exists", &[]),
+                requirement("nvidia.com/gpu.present", "DoesNotExist", &[]),
+            ]])),
+            tolerations: vec![
+                toleration(
+                    "node.kubernetes.io/not-ready",
+                    "Exists",
+                    None,
+                    Some("NoExecute"),
+                ),
+                toleration(
+                    "node.kubernetes.io/unreachable",
+                    "Exists",
+                    None,
+                    Some("NoExecute"),
+                ),
+            ],
+        },
+        // 8: no constraints.
+        SchedulingConstraints::default(),
+        // 9: one instance type.
+        SchedulingConstraints {
+            node_selector: labels(&[("node.kubernetes.io/instance-type", "c6i.4xlarge")]),
+            ..SchedulingConstraints::default()
+        },
+    ];
+    scheduling
+        .into_iter()
+        .enumerate()
+        .map(|(index, scheduling)| {
+            let team = format!("team-{}", index % 5);
+            let service = format!("service-{index}");
+            let mut images: Vec<String> = (0..4)
+                .map(|container| match (index + container) % 4 {
+                    0 => format!("registry.example.com/{team}/{service}-c{container}:v1.{index}.0"),
+                    1 => format!("{team}/{service}-c{container}:2.{index}"),
+                    2 => format!(
+                        "123456789012.dkr.ecr.eu-west-1.amazonaws.com/{team}/{service}-c{container}:{index}.0.{container}"
+                    ),
+                    _ => format!(
+                        "ghcr.io/acme/{service}-c{container}@sha256:{:064x}",
+                        index * 31 + container
+                    ),
+                })
+                .collect();
+            // The same sidecar in every workload: dedup keeps the first.
+            images.push("docker.io/istio/proxyv2:1.24.1".to_string());
+            WorkloadImages {
+                kind: if index == 6 {
+                    WorkloadKind::DaemonSet
+                } else {
+                    WorkloadKind::Deployment
+                },
+                namespace: team,
+                name: service,
+                images,
+                scheduling,
+                image_pull_secrets: vec!["registry-credentials".to_string()],
+                service_account: Some(format!("sa-{index}")),
+            }
+        })
+        .collect()
+}
+
+fn extras() -> ExtraImages {
+    ExtraImages {
+        images: Vec::new(),
+        namespace: "platform".to_string(),
+        image_pull_secrets: Vec::new(),
+    }
+}
+
+fn targeting() -> NodeTargeting {
+    NodeTargeting {
+        node_filter: Some("worker".to_string()),
+        node_selector: labels(&[("kubernetes.io/os", "linux")]),
+    }
+}
+
+/// Exactly `nodes × images` pairs, every workload on every node: the size the
+/// tracker benchmarks are stated in.
+fn full_desired_set(node_count: usize, image_count: usize) -> DesiredSet {
+    let mut desired = DesiredSet::default();
+    for node in 0..node_count {
+        let node_name = format!("prod-eu-1-worker-{node:05}");
+        for image in 0..image_count {
+            let image_name = format!(
+                "registry.example.com/team-{}/service-{}:v1.{image}.0",
+                image % 5,
+                image / 5
+            );
+            desired.images.insert(image_name.clone());
+            let target = PullTarget {
+                node: node_name.clone(),
+                image: image_name,
+                namespace: format!("team-{}", image % 5),
+                image_pull_secrets: vec!["registry-credentials".to_string()],
+                service_account: Some(format!("sa-{}", image / 5)),
+                tolerations: Vec::new(),
+            };
+            desired.pairs.insert(target.key(), target);
+        }
+        desired.nodes.insert(node_name);
+    }
+    desired
+}
+
+/// A tracker in mid-rollout: of every 20 pairs 12 satisfied, 3 in flight,
+/// 2 backing off after a transient failure, 1 permanently failed, 2 idle.
+fn busy_tracker(desired: &DesiredSet, now: Instant) -> Tracker {
+    let mut tracker = Tracker::new(BackoffPolicy::default());
+    tracker.set_desired(desired);
+    for (index, key) in desired.pairs.keys().enumerate() {
+        let pod = format!("kube-prefetch-{index:040x}");
+        match index % 20 {
+            0..=11 => {
+                tracker.on_dispatched(key, &pod, now);
+                tracker.on_outcome(key, Outcome::Succeeded, now);
+            }
+            12..=14 => tracker.on_dispatched(key, &pod, now),
+            15 | 16 => {
+                tracker.on_dispatched(key, &pod, now);
+                tracker.on_outcome(
+                    key,
+                    Outcome::Failed {
+                        reason: "ErrImagePull".into(),
+                        message: format!(
+                            "failed to pull and unpack image \"{}\": i/o timeout",
+                            key.image
+                        ),
+                        permanent: false,
+                    },
+                    now,
+                );
+            }
+            17 => {
+                tracker.on_dispatched(key, &pod, now);
+                tracker.on_outcome(
+                    key,
+                    Outcome::Failed {
+                        reason: "ErrImagePull".into(),
+                        message: format!(
+                            "failed to resolve reference \"{}\": not found",
+                            key.image
+                        ),
+                        permanent: true,
+                    },
+                    now,
+                );
+            }
+            _ => {}
+        }
+    }
+    tracker
+}
+
+// ---------------------------------------------------------------------------
+
+fn main() {
+    // `cargo bench` passes `--bench`; any other non-flag argument filters.
+    let filter = std::env::args().skip(1).find(|arg| !arg.starts_with('-'));
+    let mut bench = Bench {
+        filter,
+        rows: Vec::new(),
+        retained: Vec::new(),
+    };
+    eprintln!("kube-prefetch planning benchmarks (medians as they finish; table at the end)");
+
+    // normalize: one call per reference, over a mix of forms.
+    bench.run("normalize", REFERENCES.len(), "12 reference forms", || {
+        REFERENCES
+            .iter()
+            .map(|reference| normalize(black_box(reference)))
+            .collect::<Vec<_>>()
+    });
+
+    // node_has_image: what replan asks once per desired pair.
+    let busy_node = nodes(10).pop().expect("ten nodes");
+    let present = normalize(&busy_node.image_names[99]).expect("valid name");
+    let absent = "docker.io/istio/proxyv2:1.24.1".to_string();
+    bench.run(
+        "node_has_image (100 names, absent)",
+        1,
+        "worst case: parses every name",
+        || node_has_image(black_box(&busy_node.image_names), black_box(&absent)),
+    );
+    bench.run(
+        "node_has_image (100 names, last)",
+        1,
+        "found at the end",
+        || node_has_image(black_box(&busy_node.image_names), black_box(&present)),
+    );
+
+    // desired_pulls: one replan of one Prefetch.
+    let workloads = workloads();
+    let extra = extras();
+    let targeting = targeting();
+    for node_count in [50, 500, 5000] {
+        let fleet = nodes(node_count);
+        let (desired, bytes) =
+            retained(|| desired_pulls(&fleet, &workloads, &extra, &targeting, true, false));
+        let note = format!(
+            "{} targeted nodes, {} pairs",
+            desired.nodes.len(),
+            desired.pairs.len()
+        );
+        bench.record_retained(
+            &format!("DesiredSet, {node_count} nodes"),
+            bytes,
+            format!(
+                "{note}: {} per pair",
+                format_bytes(bytes as f64 / desired.pairs.len().max(1) as f64)
+            ),
+        );
+        bench.run(
+            &format!("desired_pulls {node_count} nodes x 10 workloads x 5 images"),
+            1,
+            &note,
+            || {
+                desired_pulls(
+                    black_box(&fleet),
+                    &workloads,
+                    &extra,
+                    &targeting,
+                    true,
+                    false,
+                )
+            },
+        );
+        bench.run(
+            &format!("desired_pulls {node_count} nodes, tolerate_all_taints"),
+            1,
+            "one toleration per pair instead of copies",
+            || {
+                desired_pulls(
+                    black_box(&fleet),
+                    &workloads,
+                    &extra,
+                    &targeting,
+                    true,
+                    true,
+                )
+            },
+        );
+    }
+
+    // Tracker at 25k pairs: 500 nodes x 50 images.
+    let desired = full_desired_set(500, 50);
+    let pairs = desired.pairs.len();
+    let now = Instant::now();
+    let (tracker, bytes) = retained(|| busy_tracker(&desired, now));
+    bench.record_retained(
+        "Tracker, 25k pairs (mid-rollout)",
+        bytes,
+        format!("{} per pair", format_bytes(bytes as f64 / pairs as f64)),
+    );
+    bench.run_with_setup(
+        "Tracker::set_desired 25k, first time",
+        1,
+        "every pair new",
+        || Tracker::new(BackoffPolicy::default()),
+        |fresh| fresh.set_desired(black_box(&desired)),
+    );
+    bench.run_with_setup(
+        "Tracker::set_desired 25k, unchanged",
+        1,
+        "a replan that changes nothing",
+        || tracker.clone(),
+        |busy| busy.set_desired(black_box(&desired)),
+    );
+    let later = now + Duration::from_secs(30);
+    let retry_after = Duration::from_secs(300);
+    let due = tracker.due(later, retry_after);
+    bench.run(
+        "Tracker::due 25k",
+        1,
+        &format!("{} due (idle + backoff over)", due.len()),
+        || tracker.due(black_box(later), retry_after),
+    );
+    bench.run("Tracker::counts 25k", 1, "", || tracker.counts());
+    let failing = pairs * 3 / 20;
+    bench.run(
+        "Tracker::failures 25k",
+        1,
+        &format!("{failing} failing pairs, newest 20 kept"),
+        || tracker.failures(),
+    );
+    bench.run("Tracker::in_flight_count 25k", 1, "", || {
+        tracker.in_flight_count()
+    });
+    bench.run(
+        "due + select_dispatch 25k, 100 slots",
+        1,
+        "one dispatch round",
+        || {
+            let due = tracker.due(black_box(later), retry_after);
+            let mut budget = Budget::new(1, 100);
+            select_dispatch(&due, 100, &mut budget)
+        },
+    );
+    // The node names of `full_desired_set`, with a busy node's reported
+    // images each.
+    let node_views: BTreeMap<String, NodeView> = nodes(500)
+        .into_iter()
+        .enumerate()
+        .map(|(index, mut node)| {
+            node.name = format!("prod-eu-1-worker-{index:05}");
+            (node.name.clone(), node)
+        })
+        .collect();
+    let keys: Vec<&PairKey> = desired.pairs.keys().collect();
+    bench.run(
+        "replan image check 25k pairs",
+        pairs,
+        "node_has_image per pair, as replan does",
+        || {
+            keys.iter()
+                .filter(|key| {
+                    node_views
+                        .get(&key.node)
+                        .is_some_and(|node| node_has_image(&node.image_names, &key.image))
+                })
+                .count()
+        },
+    );
+
+    // One whole replan of a 500-node cluster, step by step as
+    // PrefetchActor::replan does it: copy the node and workload views, plan,
+    // update the tracker, then ask every pair's node whether it reports the
+    // image.
+    let fleet: BTreeMap<String, NodeView> = nodes(500)
+        .into_iter()
+        .map(|node| (node.name.clone(), node))
+        .collect();
+    let plan_once = || {
+        desired_pulls(
+            &fleet.values().cloned().collect::<Vec<_>>(),
+            &workloads,
+            &extra,
+            &targeting,
+            true,
+            false,
+        )
+    };
+    let mut replan_tracker = busy_tracker(&plan_once(), now);
+    // Let the in-flight pairs finish so the replan sees a settled state.
+    for (key, _) in replan_tracker.in_flight() {
+        replan_tracker.on_outcome(&key, Outcome::Succeeded, now);
+    }
+    let replan_pairs = plan_once().pairs.len();
+    bench.run_with_setup(
+        "replan 500 nodes, whole",
+        1,
+        &format!("{replan_pairs} pairs: clone views, plan, track, image check"),
+        || replan_tracker.clone(),
+        |tracker| {
+            let node_list: Vec<NodeView> = fleet.values().cloned().collect();
+            let workload_list: Vec<WorkloadImages> = workloads.to_vec();
+            let desired =
+                desired_pulls(&node_list, &workload_list, &extra, &targeting, true, false);
+            tracker.set_desired(&desired);
+            let in_flight: BTreeSet<PairKey> = tracker
+                .in_flight()
+                .into_iter()
+                .map(|(key, _)| key)
+                .collect();
+            for key in desired.pairs.keys() {
+                let reported = fleet
+                    .get(&key.node)
+                    .is_some_and(|node| node_has_image(&node.image_names, &key.image));
+                if reported && !in_flight.contains(key) {
+                    tracker.node_reports_image(key, later);
+                }
+            }
+            desired
+        },
+    );
+
+    // build_pull_pod: one pod per dispatched pair.
+    let target = desired
+        .pairs
+        .values()
+        .next()
+        .cloned()
+        .map(|mut target| {
+            target.tolerations = vec![
+                toleration("dedicated", "Equal", Some("batch"), Some("NoSchedule")),
+                toleration(
+                    "node.kubernetes.io/not-ready",
+                    "Exists",
+                    None,
+                    Some("NoExecute"),
+                ),
+            ];
+            target
+        })
+        .expect("a pair");
+    bench.run("build_pull_pod", 1, "2 tolerations, 1 secret", || {
+        build_pull_pod(&PullPodParams {
+            prefetch_namespace: "team-0",
+            prefetch_name: "warm-payments",
+            prefetch_uid: "6f1c2a4e-8b3d-4f7a-9c1e-2d5b7a9e0f13",
+            target: black_box(&target),
+            helper_image: "ghcr.io/kube-prefetch/kube-prefetch-noop:0.1.0",
+            timeout_seconds: 600,
+            priority_class: Some("kube-prefetch-low"),
+        })
+    });
+
+    bench.print();
+}

@@ -10,13 +10,17 @@ export SIM_CLUSTERS SIM_NODES
 
 CARGO ?= cargo
 
-.PHONY: demo sim-build sim-up sim-down test
+.PHONY: demo lint sim-build sim-up sim-down test
 
 ## Build, start $(SIM_CLUSTERS) simulated clusters, install the CRD and the
 ## examples in each, and run kube-prefetch on all of them in the foreground,
 ## showing progress until every Prefetch is READY (Ctrl-C stops it).
 demo:
 	deploy/demo.sh
+
+## shellcheck, hadolint, and the Dockerfile's builder-stage commands.
+lint:
+	deploy/lint.sh
 
 ## Build (or reuse the cached) kube-apiserver, kubectl, etcd and kwok.
 sim-build:
@@ -37,6 +41,7 @@ test:
 	trap 'clusters/sim/down >/dev/null 2>&1 || echo "make test: clusters/sim/down failed" >&2' EXIT; \
 	$(CARGO) fmt --all -- --check; \
 	$(CARGO) clippy --all-targets -- -D warnings; \
+	deploy/lint.sh; \
 	clusters/sim/build; \
 	clusters/sim/up --clusters $(SIM_CLUSTERS) --nodes $(SIM_NODES); \
 	$(CARGO) test; \

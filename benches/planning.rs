@@ -21,7 +21,7 @@ use k8s_openapi::api::core::v1::{
     NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, Taint, Toleration,
 };
 use kube_prefetch::api::WorkloadKind;
-use kube_prefetch::pull::image::{node_has_image, normalize};
+use kube_prefetch::pull::image::{NodeImages, node_has_image, normalize};
 use kube_prefetch::pull::plan::{DesiredSet, ExtraImages, PairKey, PullTarget, desired_pulls};
 use kube_prefetch::pull::podspec::{PullPodParams, build_pull_pod};
 use kube_prefetch::pull::targeting::{NodeTargeting, NodeView, SchedulingConstraints};
@@ -441,6 +441,7 @@ fn nodes(count: usize) -> Vec<NodeView> {
                 taints,
                 ready: index % 97 != 50,
                 unschedulable: index % 113 == 60,
+                images: NodeImages::from_names(&reported_images(index)),
                 image_names: reported_images(index),
             }
         })
@@ -689,7 +690,8 @@ fn main() {
             .collect::<Vec<_>>()
     });
 
-    // node_has_image: what replan asks once per desired pair.
+    // node_has_image parses the node's names on every call; replan instead
+    // asks the NodeImages index that NodeView builds once per node update.
     let busy_node = nodes(10).pop().expect("ten nodes");
     let present = normalize(&busy_node.image_names[99]).expect("valid name");
     let absent = "docker.io/istio/proxyv2:1.24.1".to_string();
@@ -704,6 +706,18 @@ fn main() {
         1,
         "found at the end",
         || node_has_image(black_box(&busy_node.image_names), black_box(&present)),
+    );
+    bench.run(
+        "NodeImages::contains (100 names, absent)",
+        1,
+        "index built once per node update",
+        || busy_node.images.contains(black_box(&absent)),
+    );
+    bench.run(
+        "NodeImages::from_names (100 names)",
+        1,
+        "on every node event",
+        || NodeImages::from_names(black_box(&busy_node.image_names)),
     );
 
     // desired_pulls: one replan of one Prefetch.
@@ -827,13 +841,13 @@ fn main() {
     bench.run(
         "replan image check 25k pairs",
         pairs,
-        "node_has_image per pair, as replan does",
+        "NodeImages::contains per pair, as replan does",
         || {
             keys.iter()
                 .filter(|key| {
                     node_views
                         .get(&key.node)
-                        .is_some_and(|node| node_has_image(&node.image_names, &key.image))
+                        .is_some_and(|node| node.images.contains(&key.image))
                 })
                 .count()
         },
@@ -882,7 +896,7 @@ fn main() {
             for key in desired.pairs.keys() {
                 let reported = fleet
                     .get(&key.node)
-                    .is_some_and(|node| node_has_image(&node.image_names, &key.image));
+                    .is_some_and(|node| node.images.contains(&key.image));
                 if reported && !in_flight.contains(key) {
                     tracker.node_reports_image(key, later);
                 }

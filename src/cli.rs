@@ -459,9 +459,7 @@ async fn plan_cluster(config: &Config, target: &ClusterTarget) -> anyhow::Result
             let present = nodes
                 .iter()
                 .find(|node| node.name == target.node)
-                .is_some_and(|node| {
-                    crate::pull::image::node_has_image(&node.image_names, &target.image)
-                });
+                .is_some_and(|node| node.images.contains(&target.image));
             lines.push(format!(
                 "    {} {} (pod in {}){}",
                 target.node,

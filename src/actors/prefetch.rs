@@ -70,6 +70,10 @@ pub struct PrefetchActor {
     replan_queued: bool,
     wakeup: Option<SpawnHandle>,
     status_queued: bool,
+    /// One status write at a time: two in flight could land out of order
+    /// and leave an older status on the object.
+    status_writing: bool,
+    status_dirty: bool,
     last_status: Option<PrefetchStatus>,
     last_phase: Option<Phase>,
     shutting_down: bool,
@@ -113,6 +117,8 @@ impl PrefetchActor {
             replan_queued: false,
             wakeup: None,
             status_queued: false,
+            status_writing: false,
+            status_dirty: false,
             last_phase: last_status.as_ref().and_then(|status| status.phase),
             last_status,
             shutting_down: false,
@@ -270,9 +276,10 @@ impl PrefetchActor {
             .map(|(key, _)| key)
             .collect();
         for key in desired.pairs.keys() {
-            let reported = self.nodes.get(&key.node).is_some_and(|node| {
-                crate::pull::image::node_has_image(&node.image_names, &key.image)
-            });
+            let reported = self
+                .nodes
+                .get(&key.node)
+                .is_some_and(|node| node.images.contains(&key.image));
             if reported && !in_flight.contains(key) {
                 self.tracker.node_reports_image(key, now);
             }
@@ -684,6 +691,12 @@ impl PrefetchActor {
         {
             return;
         }
+        if self.status_writing {
+            // Written again, with what is current then, once this one lands.
+            self.status_dirty = true;
+            return;
+        }
+        self.status_writing = true;
         self.last_status = Some(status.clone());
         let api: Api<Prefetch> = Api::namespaced(self.shared.client.clone(), &self.namespace());
         let name = self.name();
@@ -692,13 +705,19 @@ impl PrefetchActor {
             api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
         };
-        ctx.spawn(write.into_actor(self).map(|result, actor, ctx| match result {
-            Ok(_) => actor.shared.metrics.status_written(&actor.shared.cluster),
-            Err(error) if api_status_code(&error) == Some(404) => {}
-            Err(error) => {
-                let _span = actor.span.clone().entered();
-                warn!(error = %describe_kube_error(&error), "could not write status; retrying");
-                actor.last_status = None;
+        ctx.spawn(write.into_actor(self).map(|result, actor, ctx| {
+            actor.status_writing = false;
+            match result {
+                Ok(_) => actor.shared.metrics.status_written(&actor.shared.cluster),
+                Err(error) if api_status_code(&error) == Some(404) => {}
+                Err(error) => {
+                    let _span = actor.span.clone().entered();
+                    warn!(error = %describe_kube_error(&error), "could not write status; retrying");
+                    actor.last_status = None;
+                    actor.status_dirty = true;
+                }
+            }
+            if std::mem::take(&mut actor.status_dirty) {
                 actor.queue_status(ctx);
             }
         }));

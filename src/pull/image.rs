@@ -6,6 +6,7 @@
 //! that `nginx`, `docker.io/nginx` and `index.docker.io/library/nginx:latest`
 //! are one and the same pair key.
 
+use std::collections::HashSet;
 use std::fmt;
 
 /// The Docker Hub registry as it appears in canonical references.
@@ -154,28 +155,63 @@ pub fn normalize(reference: &str) -> Result<String, ImageRefError> {
 /// match. Note: the kubelet reports at most 50 images per node, so `false`
 /// does not prove the image is absent.
 pub fn node_has_image(node_image_names: &[String], wanted_canonical: &str) -> bool {
-    let Ok(wanted) = ImageRef::parse(wanted_canonical) else {
-        return false;
-    };
-    node_image_names
-        .iter()
-        .filter_map(|name| ImageRef::parse(name).ok())
-        .any(|reported| reference_satisfies(&reported, &wanted))
+    NodeImages::from_names(node_image_names).contains(wanted_canonical)
 }
 
-fn reference_satisfies(reported: &ImageRef, wanted: &ImageRef) -> bool {
-    if reported == wanted {
-        return true;
+/// The images one node reports, parsed once: planning asks "does this node
+/// have that image?" for every pair, and parsing the node's (up to 50 × a
+/// few) names on each question dominated a replan.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeImages {
+    /// (registry, repository, tag) of every reported name with a tag.
+    by_tag: HashSet<(String, String, String)>,
+    /// (registry, repository, digest) of every reported name with a digest.
+    by_digest: HashSet<(String, String, String)>,
+}
+
+impl NodeImages {
+    /// Names that do not parse are ignored: the kubelet reports what the
+    /// runtime has, which we never want to fail on.
+    pub fn from_names(names: &[String]) -> Self {
+        let mut images = NodeImages::default();
+        for reported in names.iter().filter_map(|name| ImageRef::parse(name).ok()) {
+            if let Some(tag) = &reported.tag {
+                images.by_tag.insert((
+                    reported.registry.clone(),
+                    reported.repository.clone(),
+                    tag.clone(),
+                ));
+            }
+            if let Some(digest) = reported.digest {
+                images
+                    .by_digest
+                    .insert((reported.registry, reported.repository, digest));
+            }
+        }
+        images
     }
-    if reported.registry != wanted.registry || reported.repository != wanted.repository {
-        return false;
+
+    /// Whether a reported name satisfies `wanted`: a digest pins the content,
+    /// so the same digest is the same image whatever tag either side names;
+    /// otherwise the same repository and tag. Never a substring match.
+    pub fn contains(&self, wanted_canonical: &str) -> bool {
+        let Ok(wanted) = ImageRef::parse(wanted_canonical) else {
+            return false;
+        };
+        match (wanted.digest, wanted.tag) {
+            (Some(digest), _) => {
+                self.by_digest
+                    .contains(&(wanted.registry, wanted.repository, digest))
+            }
+            (None, Some(tag)) => self
+                .by_tag
+                .contains(&(wanted.registry, wanted.repository, tag)),
+            (None, None) => false,
+        }
     }
-    match (&wanted.digest, &wanted.tag) {
-        // A digest pins the content: the same digest is the same image,
-        // whatever tag either side names.
-        (Some(digest), _) => reported.digest.as_ref() == Some(digest),
-        (None, Some(tag)) => reported.tag.as_ref() == Some(tag),
-        (None, None) => false,
+
+    pub fn is_empty(&self) -> bool {
+        self.by_tag.is_empty() && self.by_digest.is_empty()
     }
 }
 

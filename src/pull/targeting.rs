@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::pull::image::NodeImages;
 use k8s_openapi::api::core::v1::{
     Node, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PodSpec, Taint, Toleration,
 };
@@ -22,6 +23,8 @@ pub struct NodeView {
     pub unschedulable: bool,
     /// Every name of every image the kubelet reports (`status.images[].names`).
     pub image_names: Vec<String>,
+    /// The same, parsed once for lookups.
+    pub images: NodeImages,
 }
 
 impl NodeView {
@@ -33,7 +36,7 @@ impl NodeView {
             .into_iter()
             .flatten()
             .any(|condition| condition.type_ == "Ready" && condition.status == "True");
-        let image_names = status
+        let image_names: Vec<String> = status
             .and_then(|status| status.images.as_ref())
             .into_iter()
             .flatten()
@@ -47,6 +50,7 @@ impl NodeView {
                 .unwrap_or_default(),
             ready,
             unschedulable: spec.and_then(|spec| spec.unschedulable).unwrap_or(false),
+            images: NodeImages::from_names(&image_names),
             image_names,
         }
     }

@@ -696,7 +696,9 @@ async fn restart_after_sigkill_adopts_in_flight_pods() -> Result<()> {
         &ns.api::<Prefetch>(),
         prefetch_json(
             "slow",
-            json!({ "images": ["slow.invalid/big:1"], "node_filter": "worker" }),
+            // The deadline matters only if the simulator loses a pod (kwok
+            // now and then stops moving one): it is judged and pulled again.
+            json!({ "images": ["slow.invalid/big:1"], "node_filter": "worker", "pull_timeout_seconds": 40 }),
         ),
     )
     .await?;
@@ -714,6 +716,7 @@ async fn restart_after_sigkill_adopts_in_flight_pods() -> Result<()> {
         before.iter().all(|p| !p.deleted),
         "the slow pulls were still in flight"
     );
+    let restarted_at = Instant::now();
     orchestrator.spawn()?;
     orchestrator.wait_ready().await?;
     let status = wait_phase(
@@ -721,24 +724,27 @@ async fn restart_after_sigkill_adopts_in_flight_pods() -> Result<()> {
         ns.name(),
         "slow",
         Phase::Ready,
-        Duration::from_secs(120),
+        Duration::from_secs(240),
     )
     .await?;
     assert_eq!(status.pulls.ready as usize, workers.len());
-    // No pod was created twice: the same pods (same UIDs) finished.
-    let after = log.pods_in(ns.name());
-    assert_eq!(
-        after.len(),
-        workers.len(),
-        "pods: {:?}",
-        after.iter().map(|p| (&p.name, &p.uid)).collect::<Vec<_>>()
-    );
-    let names: BTreeSet<String> = after.iter().map(|p| p.name.clone()).collect();
-    assert_eq!(names.len(), workers.len());
-    assert!(
-        !log_lines_with(&orchestrator.log_path, "adopted existing pull pod").is_empty(),
-        "the restarted process did not adopt the pods"
-    );
+    // No pod was created twice: the restarted process adopted every pod in
+    // flight and created none while they were (a pod created again can only
+    // be a retry after the 40 s deadline).
+    let adopted = log_lines_with(&orchestrator.log_path, "adopted existing pull pod");
+    assert_eq!(adopted.len(), workers.len(), "adopted: {adopted:#?}");
+    let before_uids: BTreeSet<String> = before.iter().map(|p| p.uid.clone()).collect();
+    for pod in log.pods_in(ns.name()) {
+        if !before_uids.contains(&pod.uid) {
+            assert!(
+                pod.first_seen >= restarted_at + Duration::from_secs(40),
+                "{} on {} was created again {:?} after the restart",
+                pod.name,
+                pod.node,
+                pod.first_seen.saturating_duration_since(restarted_at)
+            );
+        }
+    }
     wait_no_pull_pods(&client, ns.name(), Duration::from_secs(30)).await?;
     ns.cleanup().await?;
     Ok(())
@@ -1028,4 +1034,100 @@ impl LateCluster {
             }
         }))
     }
+}
+
+/// A node whose kubelet never answers (not managed by KWOK, marked Ready by
+/// hand): its pull pod is judged failed once it outlives its deadline, and
+/// deleted, instead of holding the node's slot for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_pod_on_a_dead_kubelet_is_judged_at_its_deadline() -> Result<()> {
+    let _serial = setup().await;
+    let cluster = support::cluster_names()[2].clone();
+    let ns = support::TestNamespace::create(&cluster, "deadline").await?;
+    let client = ns.client();
+    let node_name = support::unique_name("silent-worker");
+    let nodes: Api<Node> = Api::all(client.clone());
+    let mut node = fake_node(&node_name, "amd64", json!({}));
+    node["metadata"]["annotations"] = json!({});
+    apply(&nodes, node).await?;
+    let node_cleanup = {
+        let node_name = node_name.clone();
+        support::Cleanup::new(
+            &cluster,
+            format!("node {node_name}"),
+            move |client| async move {
+                let nodes: Api<Node> = Api::all(client);
+                let _ = nodes.delete(&node_name, &DeleteParams::default()).await;
+                Ok(())
+            },
+        )
+    };
+    let ready = json!({ "status": { "conditions": [{ "type": "Ready", "status": "True", "reason": "KubeletReady", "message": "set by the test" }] } });
+    nodes
+        .patch_status(&node_name, &PatchParams::default(), &Patch::Merge(&ready))
+        .await?;
+    apply(
+        &ns.api::<Prefetch>(),
+        prefetch_json("stuck", json!({ "images": ["busybox:1.36"], "node_filter": node_name, "pull_timeout_seconds": 3 })),
+    )
+    .await?;
+    let _orchestrator = Orchestrator::start("deadline", Options::default()).await?;
+    let failure = support::wait_for(
+        "a DeadlineExceeded failure",
+        Duration::from_secs(60),
+        || {
+            let client = client.clone();
+            let ns_name = ns.name().to_string();
+            async move {
+                let status = prefetch_status(&client, &ns_name, "stuck").await?;
+                Ok(status.and_then(|s| {
+                    s.failures
+                        .into_iter()
+                        .find(|f| f.reason == "DeadlineExceeded")
+                }))
+            }
+        },
+    )
+    .await?;
+    assert_eq!(failure.node, node_name);
+    assert!(failure.last_error.contains("within 3s"), "{failure:?}");
+    // The overdue pod itself is deleted.
+    let pod_name = failure
+        .last_error
+        .split_whitespace()
+        .nth(2)
+        .context("pod name in the message")?
+        .to_string();
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = ns.api();
+    support::wait_for("the overdue pod deleted", Duration::from_secs(10), || {
+        let pods = pods.clone();
+        let pod_name = pod_name.clone();
+        async move {
+            match pods.get_opt(&pod_name).await? {
+                // A retry reuses the name after its backoff: a newer pod is fine.
+                Some(pod)
+                    if pod.metadata.deletion_timestamp.is_none() && pod_is_older_than(&pod, 3) =>
+                {
+                    Ok(None)
+                }
+                _ => Ok(Some(())),
+            }
+        }
+    })
+    .await?;
+    node_cleanup.run().await?;
+    ns.cleanup().await?;
+    Ok(())
+}
+
+fn pod_is_older_than(pod: &k8s_openapi::api::core::v1::Pod, seconds: i64) -> bool {
+    pod.metadata
+        .creation_timestamp
+        .as_ref()
+        .is_some_and(|created| {
+            k8s_openapi::jiff::Timestamp::now()
+                .duration_since(created.0)
+                .as_secs()
+                > seconds
+        })
 }

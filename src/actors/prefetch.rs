@@ -67,6 +67,10 @@ pub struct PrefetchActor {
     /// Where each pair's pod was created, for deleting it once the pair is no
     /// longer desired.
     known_pod_namespaces: BTreeMap<PairKey, String>,
+    /// When each in-flight pull must have been judged. The kubelet enforces
+    /// `activeDeadlineSeconds`, but not when it is down or the node is gone;
+    /// then this is what stops a pod from holding its slot for ever.
+    deadlines: BTreeMap<PairKey, Instant>,
     replan_queued: bool,
     wakeup: Option<SpawnHandle>,
     status_queued: bool,
@@ -114,6 +118,7 @@ impl PrefetchActor {
             judged: BTreeSet::new(),
             pending_pods: existing_pods,
             known_pod_namespaces: BTreeMap::new(),
+            deadlines: BTreeMap::new(),
             replan_queued: false,
             wakeup: None,
             status_queued: false,
@@ -349,6 +354,8 @@ impl PrefetchActor {
             let pod_name = pod.name_any();
             self.judged.remove(&pod_name);
             self.tracker.on_dispatched(&key, &pod_name, now);
+            self.deadlines
+                .insert(key.clone(), now + self.judging_deadline());
             self.known_pod_namespaces
                 .insert(key.clone(), target.namespace.clone());
             debug!(node = %key.node, image = %key.image, pod = %pod_name, "creating pull pod");
@@ -391,17 +398,62 @@ impl PrefetchActor {
         if self.shutting_down {
             return;
         }
-        let Some(at) = self
+        let next_retry = self
             .tracker
-            .next_wakeup_after(Instant::now(), self.retry_after())
-        else {
+            .next_wakeup_after(Instant::now(), self.retry_after());
+        let next_deadline = self.deadlines.values().min().copied();
+        let Some(at) = next_retry.into_iter().chain(next_deadline).min() else {
             return;
         };
         let delay = at.saturating_duration_since(Instant::now()) + Duration::from_millis(5);
         self.wakeup = Some(ctx.run_later(delay, |actor, ctx| {
             actor.wakeup = None;
+            actor.expire_overdue_pulls(ctx);
             actor.replan(ctx);
         }));
+    }
+
+    /// How long a pull pod may stay in flight: its own deadline, plus time
+    /// for the kubelet to report that it enforced it.
+    fn judging_deadline(&self) -> Duration {
+        Duration::from_secs(self.pull_timeout_seconds().unsigned_abs()) + DEADLINE_SLACK
+    }
+
+    /// Judges pull pods that outlived their deadline as failed (transient),
+    /// deletes them and frees their slots.
+    fn expire_overdue_pulls(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let in_flight: BTreeMap<PairKey, String> = self.tracker.in_flight().into_iter().collect();
+        self.deadlines.retain(|key, _| in_flight.contains_key(key));
+        let overdue: Vec<PairKey> = self
+            .deadlines
+            .iter()
+            .filter(|(_, deadline)| **deadline <= now)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in overdue {
+            self.deadlines.remove(&key);
+            let Some(pod_name) = in_flight.get(&key) else {
+                continue;
+            };
+            let _span = self.span.clone().entered();
+            warn!(pod = %pod_name, node = %key.node, image = %key.image, "pull pod outlived its deadline; judging it failed");
+            self.judged.insert(pod_name.clone());
+            self.release_slot(&key.node);
+            self.delete_pod(pod_name, &self.pod_namespace_of(&key), ctx);
+            let timeout = self.pull_timeout_seconds();
+            self.record_outcome(
+                &key,
+                Outcome::Failed {
+                    reason: "DeadlineExceeded".into(),
+                    message: format!(
+                        "pull pod {pod_name} was not done within {timeout}s (is the node's kubelet working?)"
+                    ),
+                    permanent: false,
+                },
+                ctx,
+            );
+        }
     }
 
     fn release_slot(&self, node: &str) {
@@ -519,6 +571,8 @@ impl PrefetchActor {
             // Found after a restart: take it over instead of creating another.
             self.shared.budget().force_acquire(&key.node);
             self.tracker.on_adopted(&key, &pod_name, Instant::now());
+            self.deadlines
+                .insert(key.clone(), adopted_deadline(&pod, self.judging_deadline()));
             self.known_pod_namespaces
                 .insert(key.clone(), namespace.clone());
             info!(pod = %pod_name, node = %key.node, image = %key.image, "adopted existing pull pod");
@@ -722,6 +776,20 @@ impl PrefetchActor {
             }
         }));
     }
+}
+
+/// Time for the kubelet to report a pod it stopped at its deadline.
+const DEADLINE_SLACK: Duration = Duration::from_secs(10);
+
+/// The judging deadline of a pod found after a restart, from its age.
+fn adopted_deadline(pod: &Pod, allowed: Duration) -> Instant {
+    let now = Instant::now();
+    let Some(created) = pod.metadata.creation_timestamp.as_ref() else {
+        return now + allowed;
+    };
+    let age = Timestamp::now().duration_since(created.0);
+    let age = Duration::try_from(age).unwrap_or_default();
+    now + allowed.saturating_sub(age)
 }
 
 fn phase_reason(phase: Phase) -> &'static str {

@@ -247,34 +247,9 @@ async fn image_change_and_new_node_start_pulls_within_two_seconds() -> Result<()
     // A new worker node joins (KWOK makes it Ready).
     let node_name = support::unique_name(&format!("{cluster}-worker-new"));
     let nodes: Api<Node> = Api::all(client.clone());
-    let node_cleanup = {
-        let node_name = node_name.clone();
-        support::Cleanup::new(
-            &cluster,
-            format!("node {node_name}"),
-            move |client| async move {
-                let nodes: Api<Node> = Api::all(client);
-                let _ = nodes.delete(&node_name, &DeleteParams::default()).await;
-                Ok(())
-            },
-        )
-    };
+    let node_cleanup = delete_nodes_later(&cluster, vec![node_name.clone()]);
     apply(&nodes, fake_node(&node_name, "amd64", json!({}))).await?;
-    let ready_at = support::wait_for("the new node to be Ready", Duration::from_secs(30), || {
-        let nodes = nodes.clone();
-        let node_name = node_name.clone();
-        async move {
-            let node = nodes.get(&node_name).await?;
-            let ready = node
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
-            Ok(ready.then(Instant::now))
-        }
-    })
-    .await?;
+    let ready_at = wait_nodes_ready(&nodes, vec![node_name.clone()]).await?;
     let seen = support::wait_for("a pull on the new node", Duration::from_secs(10), || {
         let pods = log.pods_in(ns.name());
         let node_name = node_name.clone();
@@ -295,6 +270,46 @@ async fn image_change_and_new_node_start_pulls_within_two_seconds() -> Result<()
     node_cleanup.run().await?;
     ns.cleanup().await?;
     Ok(())
+}
+
+/// Waits until KWOK reports every named node Ready; returns when it saw that.
+async fn wait_nodes_ready(nodes: &Api<Node>, names: Vec<String>) -> Result<Instant> {
+    support::wait_for("test nodes Ready", Duration::from_secs(30), || {
+        let nodes = nodes.clone();
+        let names = names.clone();
+        async move {
+            for name in names {
+                let ready = nodes
+                    .get(&name)
+                    .await?
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True");
+                if !ready {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(Instant::now()))
+        }
+    })
+    .await
+}
+
+/// Deletes test nodes at the end of the test, or when it fails.
+fn delete_nodes_later(cluster: &str, names: Vec<String>) -> support::Cleanup {
+    support::Cleanup::new(
+        cluster,
+        format!("nodes {names:?}"),
+        move |client| async move {
+            let nodes: Api<Node> = Api::all(client);
+            for name in names {
+                let _ = nodes.delete(&name, &DeleteParams::default()).await;
+            }
+            Ok(())
+        },
+    )
 }
 
 fn fake_node(name: &str, arch: &str, extra_spec: serde_json::Value) -> serde_json::Value {
@@ -601,20 +616,7 @@ async fn scheduling_constraints_limit_the_nodes() -> Result<()> {
     not_ready["metadata"]["annotations"] = json!({});
     apply(&nodes, not_ready).await?;
     created.push(node("notready"));
-    let node_cleanup = {
-        let created = created.clone();
-        support::Cleanup::new(
-            &cluster,
-            "scheduling test nodes",
-            move |client| async move {
-                let nodes: Api<Node> = Api::all(client);
-                for name in created {
-                    let _ = nodes.delete(&name, &DeleteParams::default()).await;
-                }
-                Ok(())
-            },
-        )
-    };
+    let node_cleanup = delete_nodes_later(&cluster, created.clone());
     apply(
         &ns.api::<Deployment>(),
         deployment_json(
@@ -644,26 +646,10 @@ async fn scheduling_constraints_limit_the_nodes() -> Result<()> {
         .await?;
     }
     // Let KWOK mark its nodes Ready before planning starts.
-    support::wait_for("test nodes Ready", Duration::from_secs(30), || {
-        let nodes = nodes.clone();
-        let names = vec![node("amd"), node("arm"), node("tainted"), node("cordoned")];
-        async move {
-            for name in names {
-                let ready = nodes
-                    .get(&name)
-                    .await?
-                    .status
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True");
-                if !ready {
-                    return Ok(None);
-                }
-            }
-            Ok(Some(()))
-        }
-    })
+    wait_nodes_ready(
+        &nodes,
+        vec![node("amd"), node("arm"), node("tainted"), node("cordoned")],
+    )
     .await?;
     let _orchestrator = Orchestrator::start("sched", Options::default()).await?;
     let arm = wait_phase(&client, ns.name(), "arm", Phase::Ready, READY_TIMEOUT).await?;
@@ -1050,18 +1036,7 @@ async fn pull_pod_on_a_dead_kubelet_is_judged_at_its_deadline() -> Result<()> {
     let mut node = fake_node(&node_name, "amd64", json!({}));
     node["metadata"]["annotations"] = json!({});
     apply(&nodes, node).await?;
-    let node_cleanup = {
-        let node_name = node_name.clone();
-        support::Cleanup::new(
-            &cluster,
-            format!("node {node_name}"),
-            move |client| async move {
-                let nodes: Api<Node> = Api::all(client);
-                let _ = nodes.delete(&node_name, &DeleteParams::default()).await;
-                Ok(())
-            },
-        )
-    };
+    let node_cleanup = delete_nodes_later(&cluster, vec![node_name.clone()]);
     let ready = json!({ "status": { "conditions": [{ "type": "Ready", "status": "True", "reason": "KubeletReady", "message": "set by the test" }] } });
     nodes
         .patch_status(&node_name, &PatchParams::default(), &Patch::Merge(&ready))

@@ -1106,3 +1106,48 @@ fn pod_is_older_than(pod: &k8s_openapi::api::core::v1::Pod, seconds: i64) -> boo
                 > seconds
         })
 }
+
+/// Status writes are debounced: a fan-out of dozens of pulls makes a few
+/// writes, not one per pull.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_makes_few_status_writes() -> Result<()> {
+    let _serial = setup().await;
+    let cluster = support::cluster_names()[0].clone();
+    let ns = support::TestNamespace::create(&cluster, "debounce").await?;
+    let client = ns.client();
+    let log = PodLog::start(client.clone()).await?;
+    let images: Vec<String> = (1..=8).map(|i| format!("busybox:1.{i}")).collect();
+    apply(
+        &ns.api::<Prefetch>(),
+        prefetch_json("many", json!({ "images": images, "node_filter": "worker" })),
+    )
+    .await?;
+    let orchestrator = Orchestrator::start(
+        "debounce",
+        Options {
+            status_debounce: "2s",
+            ..Options::default()
+        },
+    )
+    .await?;
+    let status = wait_phase(&client, ns.name(), "many", Phase::Ready, READY_TIMEOUT).await?;
+    let pulls = log.pods_in(ns.name()).len();
+    assert_eq!(pulls, 8 * workers(&cluster).len());
+    assert_eq!(status.pulls.ready as usize, pulls);
+    let metrics = orchestrator.get("/metrics").await?;
+    let writes: f64 = metrics
+        .lines()
+        .filter(|line| {
+            line.starts_with("kube_prefetch_status_writes_total")
+                && line.contains(&format!("cluster=\"{cluster}\""))
+        })
+        .filter_map(|line| line.split_whitespace().last()?.parse::<f64>().ok())
+        .sum();
+    assert!(writes >= 1.0, "no status write counted:\n{metrics}");
+    assert!(
+        writes * 3.0 <= pulls as f64,
+        "{writes} status writes for {pulls} pulls"
+    );
+    ns.cleanup().await?;
+    Ok(())
+}

@@ -94,6 +94,7 @@ pub struct Options {
     pub backoff_max: &'static str,
     pub backoff_multiplier: f32,
     pub max_attempts: u32,
+    pub status_debounce: &'static str,
     /// Appended to the generated config file (e.g. a `[leader_election]` table).
     pub extra_toml: String,
     /// Extra environment variables of the process.
@@ -109,6 +110,7 @@ impl Default for Options {
             backoff_max: "10s",
             backoff_multiplier: 4.0,
             max_attempts: 3,
+            status_debounce: "200ms",
             extra_toml: String::new(),
             env: Vec::new(),
         }
@@ -151,7 +153,7 @@ impl Orchestrator {
 listen = "127.0.0.1:{port}"
 
 [defaults]
-status_debounce = "200ms"
+status_debounce = "{debounce}"
 
 [backoff]
 initial = "{initial}"
@@ -171,6 +173,7 @@ helper_image = "{HELPER_IMAGE}"
             attempts = options.max_attempts,
             cross = options.cross_namespace,
             extra = options.extra_toml,
+            debounce = options.status_debounce,
         );
         let config_path = dir.path().join("kube-prefetch.toml");
         std::fs::write(&config_path, config)?;

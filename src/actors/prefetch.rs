@@ -63,7 +63,10 @@ pub struct PrefetchActor {
     refused_namespaces: Vec<String>,
     /// Pods we judged and asked to delete; their later events are noise.
     judged: BTreeSet<String>,
+    /// Pull pods seen before the plan could say whether they are wanted.
     pending_pods: Vec<Pod>,
+    /// Whether `desired` has been computed at least once.
+    planned: bool,
     /// Where each pair's pod was created, for deleting it once the pair is no
     /// longer desired.
     known_pod_namespaces: BTreeMap<PairKey, String>,
@@ -117,6 +120,7 @@ impl PrefetchActor {
             refused_namespaces: Vec::new(),
             judged: BTreeSet::new(),
             pending_pods: existing_pods,
+            planned: false,
             known_pod_namespaces: BTreeMap::new(),
             deadlines: BTreeMap::new(),
             replan_queued: false,
@@ -290,6 +294,7 @@ impl PrefetchActor {
             }
         }
         self.desired = desired;
+        self.planned = true;
 
         // Pods that existed before this actor (a restart) are adopted, not
         // created again.
@@ -562,8 +567,17 @@ impl PrefetchActor {
             .into_iter()
             .any(|(k, name)| k == key && name == pod_name);
         if !tracked {
+            if !(self.planned && self.workloads_synced()) {
+                // Not known yet whether it is wanted: a pod found by the
+                // watch before the first plan (after a restart) must not be
+                // taken for a leftover and deleted.
+                self.pending_pods.push(pod);
+                self.queue_replan(ctx);
+                return;
+            }
             if !self.desired.pairs.contains_key(&key) {
                 // Left over from an older plan (or before a restart).
+                info!(pod = %pod_name, node = %key.node, image = %key.image, "deleting a pull pod no longer wanted");
                 self.judged.insert(pod_name.clone());
                 self.delete_pod(&pod_name, &namespace, ctx);
                 return;

@@ -408,17 +408,7 @@ async fn custom_resource_status_subresource_works() {
                 .await
             })
         };
-        wait_for("the CRD to be established", DEFAULT_TIMEOUT, || async {
-            let crd = crds.get(&crd_name).await?;
-            let established = crd
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True");
-            Ok(established.then_some(()))
-        })
-        .await?;
+        support::wait_crd_established(&client, &crd_name).await?;
 
         let ns = TestNamespace::create(&cluster, "crd").await?;
         let resource = ApiResource {

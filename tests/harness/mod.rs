@@ -63,25 +63,7 @@ pub async fn install_crd(client: &Client) -> Result<()> {
     )
     .await
     .context("applying the Prefetch CRD")?;
-    support::wait_for(
-        "the CRD to be established",
-        support::DEFAULT_TIMEOUT,
-        || {
-            let crds = crds.clone();
-            let name = name.clone();
-            async move {
-                let crd = crds.get(&name).await?;
-                let established = crd
-                    .status
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True");
-                Ok(established.then_some(()))
-            }
-        },
-    )
-    .await
+    support::wait_crd_established(client, &name).await
 }
 
 /// Options of one orchestrator run; the defaults make failures fast.

@@ -586,3 +586,27 @@ pub async fn delete_namespace(client: &Client, name: &str) -> Result<()> {
     )
     .await
 }
+
+/// Waits until the CRD `name` is Established (its API is served).
+pub async fn wait_crd_established(client: &Client, name: &str) -> Result<()> {
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(client.clone());
+    wait_for(
+        &format!("CRD {name} to be established"),
+        DEFAULT_TIMEOUT,
+        || {
+            let crds = crds.clone();
+            async move {
+                let crd = crds.get(name).await?;
+                let established = crd
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True");
+                Ok(established.then_some(()))
+            }
+        },
+    )
+    .await
+}

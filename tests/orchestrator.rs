@@ -1152,3 +1152,61 @@ async fn a_fan_out_makes_few_status_writes() -> Result<()> {
     ns.cleanup().await?;
     Ok(())
 }
+
+/// SIGHUP re-reads the config: an added cluster starts, the running one is
+/// not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_adds_a_cluster_without_touching_the_others() -> Result<()> {
+    let _serial = setup().await;
+    let kubeconfig = support::kubeconfig_path().display().to_string();
+    let only_first = format!("[[kubeconfig]]\npath = {kubeconfig:?}\ncontexts = [\"sim-1\"]\n");
+    let orchestrator = Orchestrator::start(
+        "sighup",
+        Options {
+            kubeconfig_toml: Some(only_first.clone()),
+            ..Options::default()
+        },
+    )
+    .await?;
+    support::wait_for("sim-1 Connected", Duration::from_secs(30), || async {
+        Ok(is_connected(&orchestrator.status().await?, "sim-1").then_some(()))
+    })
+    .await?;
+    let view = orchestrator.status().await?;
+    assert!(cluster_state(&view, "sim-2").is_none(), "{view:?}");
+
+    let config = std::fs::read_to_string(&orchestrator.config_path)?;
+    let both = config.replace(
+        "contexts = [\"sim-1\"]",
+        "contexts = [\"sim-1\", \"sim-2\"]",
+    );
+    assert_ne!(config, both);
+    std::fs::write(&orchestrator.config_path, both)?;
+    orchestrator.signal("HUP")?;
+    support::wait_for(
+        "sim-2 Connected after SIGHUP",
+        Duration::from_secs(30),
+        || async {
+            let view = orchestrator.status().await?;
+            Ok((is_connected(&view, "sim-1") && is_connected(&view, "sim-2")).then_some(()))
+        },
+    )
+    .await?;
+    let starts = log_lines_with(&orchestrator.log_path, "starting context=sim-1");
+    assert_eq!(starts.len(), 1, "sim-1 was restarted: {starts:#?}");
+
+    // A broken edit is refused and changes nothing.
+    std::fs::write(&orchestrator.config_path, "[server\n")?;
+    orchestrator.signal("HUP")?;
+    support::wait_for("the refused reload logged", Duration::from_secs(10), || {
+        let refused = !log_lines_with(&orchestrator.log_path, "config reload failed").is_empty();
+        async move { Ok(refused.then_some(())) }
+    })
+    .await?;
+    let view = orchestrator.status().await?;
+    assert!(
+        is_connected(&view, "sim-1") && is_connected(&view, "sim-2"),
+        "{view:?}"
+    );
+    Ok(())
+}

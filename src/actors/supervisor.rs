@@ -120,7 +120,15 @@ impl Handler<Reload> for Supervisor {
                 return;
             }
         };
-        let settings_changed = config != *self.config;
+        // Cluster sources are compared per target below; every other setting
+        // is shared by all clusters, so a change there restarts them all.
+        let settings_changed = {
+            let mut old = (*self.config).clone();
+            let mut new = config.clone();
+            old.kubeconfig.clear();
+            new.kubeconfig.clear();
+            old != new
+        };
         self.config = Arc::new(config);
         let wanted: BTreeMap<String, ClusterTarget> = targets
             .into_iter()

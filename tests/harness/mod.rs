@@ -222,6 +222,16 @@ helper_image = "{HELPER_IMAGE}"
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// Sends a Unix signal (e.g. "HUP") to the running process.
+    pub fn signal(&self, name: &str) -> Result<()> {
+        let pid = self.child.as_ref().context("not running")?.id();
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string())
+            .status()?;
+        ensure(status.success(), || format!("kill -{name} {pid} failed"))
+    }
+
     /// SIGKILL: no chance to clean anything up.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

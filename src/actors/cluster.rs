@@ -9,7 +9,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Api, DeleteParams, ListParams};
+use kube::api::{Api, ListParams};
 use kube::client::ClientBuilder;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::events::{Recorder, Reporter};
@@ -18,6 +18,7 @@ use kube::{Client, ResourceExt};
 use tower::limit::RateLimitLayer;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::actors::delete_pull_pod;
 use crate::actors::prefetch::{
     Kick, NodesChanged, PodChanged, PodDeleted, PrefetchActor, Shutdown, SpecChanged,
 };
@@ -350,15 +351,9 @@ impl ClusterActor {
         info!(pod = %format!("{namespace}/{name}"), "deleting pull pod of a Prefetch that no longer exists");
         let task = actix::spawn(
             async move {
-                let api: Api<Pod> = Api::namespaced(shared.client.clone(), &namespace);
-                let params = DeleteParams {
-                    grace_period_seconds: Some(0),
-                    ..DeleteParams::default()
-                };
-                if let Err(error) = api.delete(&name, &params).await
-                    && api_status_code(&error) != Some(404)
+                if let Err(error) = delete_pull_pod(shared.client.clone(), &namespace, &name).await
                 {
-                    warn!(pod = %name, error = %describe_kube_error(&error), "could not delete orphaned pull pod");
+                    warn!(pod = %name, %error, "could not delete orphaned pull pod");
                 }
             }
             .instrument(self.span.clone()),

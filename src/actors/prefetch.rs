@@ -14,7 +14,7 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
@@ -22,6 +22,7 @@ use serde_json::json;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::actors::cluster::{ClusterContext, SlotsFreed};
+use crate::actors::delete_pull_pod;
 use crate::actors::status::{PrefetchGone, PrefetchReported, PrefetchSummary};
 use crate::api::{Condition, Phase, Prefetch, PrefetchStatus, WorkloadKind};
 use crate::error::{api_status_code, describe_kube_error, describe_watch_error};
@@ -527,18 +528,12 @@ impl PrefetchActor {
     }
 
     fn delete_pod(&self, name: &str, namespace: &str, ctx: &mut Context<Self>) {
-        let api: Api<Pod> = Api::namespaced(self.shared.client.clone(), namespace);
-        let name = name.to_string();
+        let client = self.shared.client.clone();
+        let (name, namespace) = (name.to_string(), namespace.to_string());
         let delete = async move {
-            let params = DeleteParams {
-                grace_period_seconds: Some(0),
-                ..DeleteParams::default()
-            };
-            match api.delete(&name, &params).await {
-                Ok(_) => Ok(()),
-                Err(error) if api_status_code(&error) == Some(404) => Ok(()),
-                Err(error) => Err((name, describe_kube_error(&error))),
-            }
+            delete_pull_pod(client, &namespace, &name)
+                .await
+                .map_err(|error| (name, error))
         };
         ctx.spawn(delete.into_actor(self).map(|result, actor, _| {
             if let Err((name, error)) = result {
@@ -1063,16 +1058,9 @@ impl Handler<Shutdown> for PrefetchActor {
             name: self.name(),
         });
         let cleanup = async move {
-            let params = DeleteParams {
-                grace_period_seconds: Some(0),
-                ..DeleteParams::default()
-            };
             for (namespace, name) in pods {
-                let api: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-                if let Err(error) = api.delete(&name, &params).await
-                    && api_status_code(&error) != Some(404)
-                {
-                    warn!(pod = %name, error = %describe_kube_error(&error), "could not delete pull pod");
+                if let Err(error) = delete_pull_pod(client.clone(), &namespace, &name).await {
+                    warn!(pod = %name, %error, "could not delete pull pod");
                 }
             }
         };

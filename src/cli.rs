@@ -433,10 +433,15 @@ async fn plan_cluster(config: &Config, target: &ClusterTarget) -> anyhow::Result
         let own = prefetch.namespace().unwrap_or_default();
         let spec = &prefetch.spec;
         let (namespaces, _) = spec.workload_namespaces(&own, config.policy.cross_namespace);
-        let labels = spec.label_selector();
+        // An invalid label key builds no selector: the Prefetch's own
+        // images are still planned, its problem is printed below.
+        let (kinds, labels) = match spec.label_selector() {
+            Ok(labels) => (spec.selected_workload_kinds(), labels),
+            Err(_) => (Vec::new(), String::new()),
+        };
         let mut workloads = Vec::new();
         for namespace in &namespaces {
-            for kind in spec.selected_workload_kinds() {
+            for kind in kinds.iter().copied() {
                 let found = match kind {
                     WorkloadKind::Deployment => {
                         list_workloads::<Deployment>(&client, namespace, &labels).await?
@@ -495,6 +500,9 @@ async fn plan_cluster(config: &Config, target: &ClusterTarget) -> anyhow::Result
         }
         for invalid in &desired.invalid_images {
             lines.push(format!("    skipped: {invalid}"));
+        }
+        for problem in spec.spec_problems() {
+            lines.push(format!("    problem: {problem}"));
         }
     }
     if prefetches.items.is_empty() {

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::core::v1::Toleration;
 use kube::CustomResource;
 use kube::core::CustomResourceExt;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
@@ -108,6 +109,14 @@ pub struct PrefetchSpec {
     /// Stop dispatching pulls, keep the status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suspend: Option<bool>,
+
+    /// Taints the pull pods of `images` may tolerate (core/v1 tolerations,
+    /// as in a pod spec). Without them, `images` go only to nodes without
+    /// NoSchedule/NoExecute taints; workload images follow the workload's
+    /// own tolerations.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "tolerations_schema")]
+    pub tolerations: Vec<Toleration>,
 }
 
 impl PrefetchSpec {
@@ -370,6 +379,28 @@ fn image_pull_secrets_schema(_: &mut SchemaGenerator) -> Schema {
             "minLength": 1,
             "maxLength": names::DNS_SUBDOMAIN_MAX,
             "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+        }
+    })
+}
+
+/// core/v1 Toleration, with the operators and effects Kubernetes accepts
+/// ("" meaning Equal, and every effect).
+fn tolerations_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "array",
+        "maxItems": MAX_TOLERATIONS,
+        "items": {
+            "type": "object",
+            "properties": {
+                "key": { "type": "string", "maxLength": 317 },
+                "operator": { "type": "string", "enum": ["", "Exists", "Equal"] },
+                "value": { "type": "string", "maxLength": names::LABEL_MAX },
+                "effect": {
+                    "type": "string",
+                    "enum": ["", "NoSchedule", "PreferNoSchedule", "NoExecute"]
+                },
+                "tolerationSeconds": { "type": "integer", "format": "int64" }
+            }
         }
     })
 }

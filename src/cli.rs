@@ -468,10 +468,7 @@ async fn plan_cluster(config: &Config, target: &ClusterTarget) -> anyhow::Result
                 namespace: own.clone(),
                 image_pull_secrets: spec.image_pull_secrets.clone(),
             },
-            &NodeTargeting {
-                node_filter: spec.node_filter.clone(),
-                node_selector: spec.node_selector.clone(),
-            },
+            &NodeTargeting::from_spec(spec),
             spec.respects_workload_scheduling(),
             config.policy.tolerate_all_taints,
         );

@@ -273,10 +273,7 @@ impl PrefetchActor {
             namespace: self.namespace(),
             image_pull_secrets: spec.image_pull_secrets.clone(),
         };
-        let targeting = NodeTargeting {
-            node_filter: spec.node_filter.clone(),
-            node_selector: spec.node_selector.clone(),
-        };
+        let targeting = NodeTargeting::from_spec(spec);
         let desired = desired_pulls(
             &nodes,
             &workloads,

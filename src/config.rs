@@ -2547,4 +2547,123 @@ lease_name = "prefetch"
             fixture.path("clusters/sim/run/kubeconfig")
         );
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn all_keys() -> Vec<(&'static str, &'static str)> {
+            SETTINGS
+                .iter()
+                .flat_map(|(section, keys)| keys.iter().map(move |key| (*section, *key)))
+                .collect()
+        }
+
+        /// Values as people write them in TOML, right or wrong.
+        fn toml_value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<i64>().prop_map(|n| n.to_string()),
+                (0u64..200).prop_map(|n| n.to_string()),
+                "-?[0-9]{15,45}",
+                any::<f64>().prop_map(|f| format!("{f:?}")),
+                prop::sample::select(vec!["nan", "-inf", "inf", "1e-20", "0.1", "1e300", "-0.0"])
+                    .prop_map(str::to_string),
+                any::<bool>().prop_map(|b| b.to_string()),
+                "\"[ -~]{0,20}\"",
+                "\"[0-9]{1,25} ?(ns|ms|s|m|h|d|w|y|days|years)?\"",
+                "\"[a-z0-9.-]{0,12}(:[0-9]{1,6})?\"",
+                "\\[[0-9, \"a-z]{0,12}\\]",
+                prop::sample::select(vec!["{ a = 1 }", "1979-05-27T07:32:00Z", "''", "'\\n'"])
+                    .prop_map(str::to_string),
+            ]
+        }
+
+        /// Every value that validation lets through is within its bounds.
+        fn assert_in_bounds(config: &Config) -> Result<(), TestCaseError> {
+            use bounds::*;
+            let d = &config.defaults;
+            prop_assert!(RETRY_AFTER.contains(&d.retry_after));
+            prop_assert!(PULL_TIMEOUT.contains(&d.pull_timeout));
+            prop_assert!(MAX_PARALLEL_PER_NODE.contains(&(d.max_parallel_per_node as u64)));
+            prop_assert!(MAX_PARALLEL_PER_PREFETCH.contains(&(d.max_parallel_per_prefetch as u64)));
+            prop_assert!(MAX_PARALLEL_PER_CLUSTER.contains(&(d.max_parallel_per_cluster as u64)));
+            prop_assert!(API_QPS.contains(&d.api_qps));
+            prop_assert!(STATUS_DEBOUNCE.contains(&d.status_debounce));
+            let b = &config.backoff;
+            prop_assert!(BACKOFF_INITIAL.contains(&b.initial));
+            prop_assert!(BACKOFF_MAX.contains(&b.max));
+            prop_assert!(b.initial <= b.max);
+            prop_assert!(BACKOFF_MULTIPLIER.contains(&f64::from(b.multiplier)));
+            prop_assert!(BACKOFF_MAX_ATTEMPTS.contains(&u64::from(b.max_attempts)));
+            prop_assert!(names::dns_label(&config.leader_election.namespace).is_ok());
+            prop_assert!(names::dns_subdomain(&config.leader_election.lease_name).is_ok());
+            prop_assert!(crate::pull::image::normalize(&config.policy.helper_image).is_ok());
+            for source in &config.kubeconfig {
+                prop_assert!(name_prefix_ok(&source.name_prefix));
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn any_text_never_panics(text in any::<String>()) {
+                let _ = parse_str(&text, Path::new("c.toml"));
+            }
+
+            /// Random values for real keys, in the file and the environment:
+            /// no panic, what passes is in bounds, and no message names a
+            /// Rust type.
+            #[test]
+            fn any_settings_are_refused_or_in_bounds(
+                file in prop::collection::vec((any::<prop::sample::Index>(), toml_value()), 0..6),
+                env in prop::collection::vec((any::<prop::sample::Index>(), "[ -~]{0,25}"), 0..3),
+                prefix in prop::option::of(toml_value()),
+            ) {
+                let keys = all_keys();
+                let mut by_section: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+                for (index, value) in &file {
+                    let (section, key) = keys[index.index(keys.len())];
+                    by_section.entry(section).or_default().push(format!("{key} = {value}"));
+                }
+                let mut text = String::new();
+                for (section, lines) in &by_section {
+                    text.push_str(&format!("[{section}]\n{}\n", lines.join("\n")));
+                }
+                text.push_str(MINIMAL);
+                if let Some(prefix) = &prefix {
+                    text.push_str(&format!("name_prefix = {prefix}\n"));
+                }
+                let path = Path::new("c.toml");
+                let variables: Vec<(String, String)> = env
+                    .iter()
+                    .map(|(index, value)| {
+                        let (section, key) = keys[index.index(keys.len())];
+                        (
+                            format!("KUBE_PREFETCH__{}__{}", section.to_uppercase(), key.to_uppercase()),
+                            value.clone(),
+                        )
+                    })
+                    .collect();
+                let outcome = read_file(&text, path).and_then(|mut written| {
+                    written.settings.extend(env_overrides(variables.clone())?);
+                    validate(&written, path)
+                });
+                match outcome {
+                    Ok(config) => assert_in_bounds(&config)?,
+                    Err(error) => {
+                        let message = error.to_string();
+                        let given = format!("{text}{variables:?}");
+                        for rust in ["i128", "u64", "usize", "f64", "f32", "invalid type"] {
+                            prop_assert!(
+                                given.contains(rust) || !message.contains(rust),
+                                "{}", message
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

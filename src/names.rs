@@ -160,4 +160,107 @@ mod tests {
             assert!(label_value(bad).is_err(), "{bad:?}");
         }
     }
+
+    /// Kubernetes' selector lexer (apimachinery labels.Lexer): identifiers
+    /// are runs of anything but whitespace and the operator characters.
+    fn parse_selector(selector: &str) -> Vec<(String, String, String)> {
+        const SPECIAL: &[char] = &['!', '=', ',', '(', ')', '<', '>'];
+        let mut tokens: Vec<String> = Vec::new();
+        let mut chars = selector.chars().peekable();
+        while let Some(&c) = chars.peek() {
+            if c == ' ' || c == '\t' {
+                chars.next();
+            } else if SPECIAL.contains(&c) {
+                chars.next();
+                let mut token = c.to_string();
+                if matches!(c, '!' | '=') && chars.peek() == Some(&'=') {
+                    chars.next();
+                    token.push('=');
+                }
+                tokens.push(token);
+            } else {
+                let mut identifier = String::new();
+                while let Some(&c) = chars.peek() {
+                    if c == ' ' || c == '\t' || SPECIAL.contains(&c) {
+                        break;
+                    }
+                    identifier.push(c);
+                    chars.next();
+                }
+                tokens.push(identifier);
+            }
+        }
+        tokens
+            .split(|token| token == ",")
+            .filter(|requirement| !requirement.is_empty())
+            .map(|requirement| match requirement {
+                [key, op, value] => (key.clone(), op.clone(), value.clone()),
+                [key, op] => (key.clone(), op.clone(), String::new()),
+                other => (other.join(" "), String::new(), String::new()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_test_lexer_reads_a_bad_key_as_kubernetes_does() {
+        assert_eq!(
+            parse_selector("app!=web"),
+            vec![("app".into(), "!=".into(), "web".into())]
+        );
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+        use std::collections::BTreeMap;
+
+        fn valid_key() -> impl Strategy<Value = String> {
+            "([a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?(\\.[a-z0-9]{1,5}){0,2}/)?[A-Za-z0-9]([A-Za-z0-9_.-]{0,20}[A-Za-z0-9])?"
+        }
+
+        fn valid_value() -> impl Strategy<Value = String> {
+            "([A-Za-z0-9]([A-Za-z0-9_.-]{0,20}[A-Za-z0-9])?)?"
+        }
+
+        /// Keys and values, valid or not (printable ASCII, as people type).
+        fn any_label() -> impl Strategy<Value = String> {
+            prop_oneof![valid_key(), valid_value(), "[ -~]{0,12}", any::<String>()]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Never panics; accepts exactly the maps of valid keys and
+            /// values; what it builds parses back to the same pairs.
+            #[test]
+            fn selector_round_trips(
+                pairs in prop::collection::btree_map(any_label(), any_label(), 0..6)
+            ) {
+                let valid = pairs
+                    .iter()
+                    .all(|(key, value)| label_key(key).is_ok() && label_value(value).is_ok());
+                match equality_selector(&pairs) {
+                    Ok(selector) => {
+                        prop_assert!(valid, "accepted invalid pairs {:?}", pairs);
+                        let parsed = parse_selector(&selector);
+                        let expected: Vec<(String, String, String)> = pairs
+                            .iter()
+                            .map(|(key, value)| (key.clone(), "=".to_string(), value.clone()))
+                            .collect();
+                        prop_assert_eq!(parsed, expected);
+                    }
+                    Err(_) => prop_assert!(!valid, "refused valid pairs {:?}", pairs),
+                }
+            }
+
+            #[test]
+            fn valid_pairs_always_build(
+                pairs in prop::collection::btree_map(valid_key(), valid_value(), 1..6)
+            ) {
+                let pairs: BTreeMap<String, String> = pairs;
+                let selector = equality_selector(&pairs);
+                prop_assert!(selector.is_ok(), "{:?}: {:?}", pairs, selector);
+            }
+        }
+    }
 }

@@ -646,4 +646,68 @@ mod tests {
         assert!(!node_has_image(&names(&["", "Not Valid"]), &ok("nginx")));
         assert!(!node_has_image(&names(&["nginx"]), "Not Valid"));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// References shaped like real ones (registry, path, tag, digest),
+        /// so that most parse and idempotence is really exercised.
+        fn reference_like() -> impl Strategy<Value = String> {
+            (
+                prop::option::of("(localhost|index\\.docker\\.io|docker\\.io|[a-zA-Z0-9]([a-zA-Z0-9-]{0,6}[a-zA-Z0-9])?\\.[a-z]{2,3})(:[0-9]{1,5})?"),
+                "[a-z0-9]{1,6}([._-][a-z0-9]{1,4})?(/[a-z0-9]{1,6}([_-][a-z0-9]{1,3})?){0,2}",
+                prop::option::of("[A-Za-z0-9_][A-Za-z0-9_.-]{0,12}"),
+                prop::option::of("(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})"),
+            )
+                .prop_map(|(registry, path, tag, digest)| {
+                    let mut reference = String::new();
+                    if let Some(registry) = registry {
+                        reference.push_str(&registry);
+                        reference.push('/');
+                    }
+                    reference.push_str(&path);
+                    if let Some(tag) = tag {
+                        reference.push(':');
+                        reference.push_str(&tag);
+                    }
+                    if let Some(digest) = digest {
+                        reference.push('@');
+                        reference.push_str(&digest);
+                    }
+                    reference
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Any text: no panic, and a canonical form is its own
+            /// canonical form.
+            #[test]
+            fn normalise_never_panics_and_is_idempotent(
+                reference in prop_oneof![reference_like(), "[ -~]{0,40}", any::<String>()]
+            ) {
+                if let Ok(canonical) = normalize(&reference) {
+                    prop_assert_eq!(normalize(&canonical), Ok(canonical.clone()));
+                    // And a node reporting it has it.
+                    prop_assert!(node_has_image(std::slice::from_ref(&canonical), &canonical));
+                }
+            }
+
+            /// Every well-formed reference parses, to a fully qualified
+            /// form keeping its tag and digest.
+            #[test]
+            fn well_formed_references_parse(reference in reference_like()) {
+                let canonical = normalize(&reference);
+                prop_assert!(canonical.is_ok(), "{}: {:?}", reference, canonical);
+                let canonical = canonical.unwrap_or_default();
+                if let Some((_, digest)) = reference.split_once('@') {
+                    prop_assert!(canonical.ends_with(&format!("@{digest}")), "{}", canonical);
+                }
+                let registry = canonical.split('/').next().unwrap_or_default();
+                prop_assert!(registry.contains('.') || registry.starts_with("localhost"), "{}", canonical);
+            }
+        }
+    }
 }

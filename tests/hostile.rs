@@ -2,8 +2,46 @@
 //! Prefetch is wrong. The command-line tests need no cluster (they point at
 //! a closed port); the Prefetch tests run against the sim clusters.
 
+mod harness;
+mod support;
+
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use harness::*;
+use k8s_openapi::api::core::v1::Toleration;
+use kube::api::PostParams;
+use kube_prefetch::api::{Phase, Prefetch};
+use serde_json::json;
+
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The API server's note when a CEL rule (the label keys') was skipped
+/// because a simpler check already failed.
+const NOT_CHECKED: &str = ", <nil>: Invalid value: null: some validation rules were not checked because the object was invalid; correct the existing errors to complete validation]";
+
+fn prefetch_json(name: &str, spec: serde_json::Value) -> serde_json::Value {
+    json!({
+        "apiVersion": "cache.techsquad.rocks/v1",
+        "kind": "Prefetch",
+        "metadata": { "name": name },
+        "spec": spec,
+    })
+}
+
+/// The message of the API server's refusal, as `kubectl` shows it.
+fn api_server_message(error: &anyhow::Error) -> String {
+    error
+        .chain()
+        .find_map(|cause| match cause.downcast_ref::<kube::Error>() {
+            Some(kube::Error::Api(status)) => Some(status.message.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| format!("not an API server refusal: {error:#}"))
+}
 
 /// A kubeconfig whose one context, `dead`, points at a closed port.
 const DEAD_KUBECONFIG: &str = "apiVersion: v1
@@ -111,4 +149,204 @@ fn check_refuses_a_bad_value_naming_file_line_and_column() {
             config.display()
         )
     );
+}
+
+/// The schema's limits, as the real API server applies them: an over-limit
+/// or bad-key Prefetch is refused with the schema's message, and one right
+/// at the limits is accepted (so the CEL rule fits the cost budget).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_limit_or_bad_key_prefetches_are_refused_by_the_api_server() -> Result<()> {
+    let _serial = setup().await;
+    let cluster = support::cluster_names()[0].clone();
+    let ns = support::TestNamespace::create(&cluster, "limits").await?;
+    let prefetches = ns.api::<Prefetch>();
+
+    let images: Vec<String> = (0..257).map(|i| format!("busybox:{i}")).collect();
+    let secrets: Vec<String> = (0..65).map(|i| format!("secret-{i}")).collect();
+    let cases = [
+        (
+            "too-many-images",
+            json!({ "images": images }),
+            "[spec.images: Too many: 257: must have at most 256 items{NOT_CHECKED}",
+        ),
+        (
+            "long-image",
+            json!({ "images": ["a".repeat(4097)] }),
+            "[spec.images[0]: Too long: may not be more than 4096 bytes{NOT_CHECKED}",
+        ),
+        (
+            "repeated-kind",
+            json!({ "filter_by_labels": { "app": "web" }, "workload_kinds": ["Deployment", "Job", "Deployment"] }),
+            "spec.workload_kinds[2]: Duplicate value: \"Deployment\"",
+        ),
+        (
+            "bad-filter-key",
+            json!({ "filter_by_labels": { "app!": "web" } }),
+            "spec.filter_by_labels: Invalid value: keys must be label keys: an optional DNS subdomain prefix and '/', then at most 63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit",
+        ),
+        (
+            "bad-node-selector-key",
+            json!({ "node_selector": { "zone/": "a" } }),
+            "spec.node_selector: Invalid value: keys must be label keys: an optional DNS subdomain prefix and '/', then at most 63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit",
+        ),
+        (
+            "bad-namespace",
+            json!({ "namespaces": ["Team_A"] }),
+            "spec.namespaces[0]: Invalid value: \"Team_A\": spec.namespaces[0] in body should match '^[a-z0-9]([-a-z0-9]*[a-z0-9])?$'",
+        ),
+        (
+            "too-many-secrets",
+            json!({ "image_pull_secrets": secrets }),
+            "[spec.image_pull_secrets: Too many: 65: must have at most 64 items{NOT_CHECKED}",
+        ),
+        (
+            "huge-parallel",
+            json!({ "max_parallel": 2147483647 }),
+            "spec.max_parallel: Invalid value: 2147483647: spec.max_parallel in body should be less than or equal to 10000",
+        ),
+        (
+            "huge-retry",
+            json!({ "retry_after": 9223372036854775807_i64 }),
+            "spec.retry_after: Invalid value: 9223372036854775807: spec.retry_after in body should be less than or equal to 2592000",
+        ),
+    ];
+    let mut mismatches = Vec::new();
+    for (name, spec, expected) in cases {
+        // A plain create, as `kubectl create` (or `kubectl apply` of a new
+        // object) sends it.
+        let object: Prefetch = serde_json::from_value(prefetch_json(name, spec))?;
+        let refused = prefetches.create(&PostParams::default(), &object).await;
+        let message = match refused {
+            Ok(_) => "accepted".to_string(),
+            Err(error) => api_server_message(&error.into()),
+        };
+        let expected = format!(
+            "Prefetch.cache.techsquad.rocks \"{name}\" is invalid: {}",
+            expected.replace("{NOT_CHECKED}", NOT_CHECKED)
+        );
+        if message != expected {
+            mismatches.push(format!(
+                "{name}:\n  got      {message}\n  expected {expected}"
+            ));
+        }
+    }
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+
+    let at_limits = prefetch_json(
+        "at-the-limits",
+        json!({
+            "images": (0..256).map(|i| format!("busybox:{i}")).collect::<Vec<_>>(),
+            "filter_by_labels": (0..64)
+                .map(|i| (format!("team-{i}.example.com/{}", "k".repeat(63)), "v".repeat(63)))
+                .collect::<std::collections::BTreeMap<_, _>>(),
+            "workload_kinds": ["Deployment", "StatefulSet", "DaemonSet", "CronJob", "Job"],
+            "namespaces": (0..64).map(|i| format!("ns-{i}")).collect::<Vec<_>>(),
+            "tolerations": [{ "key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule" }],
+            "max_parallel": 10000,
+            "retry_after": 2592000,
+        }),
+    );
+    apply(&prefetches, at_limits)
+        .await
+        .context("a Prefetch right at the limits was refused")?;
+    ns.cleanup().await?;
+    Ok(())
+}
+
+/// A Prefetch with only `images` keeps off the NoSchedule-tainted
+/// control-plane node; one whose `tolerations` tolerate the taint gets it,
+/// and its pull pod carries the toleration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_only_prefetch_keeps_off_tainted_nodes_unless_tolerated() -> Result<()> {
+    let _serial = setup().await;
+    let cluster = support::cluster_names()[0].clone();
+    let ns = support::TestNamespace::create(&cluster, "taints").await?;
+    let client = ns.client();
+    let log = PodLog::start(client.clone()).await?;
+    let prefetches = ns.api::<Prefetch>();
+    // Tags of this run only: no node reports them already.
+    let plain_image = format!("registry.example/hostile/plain:{}", ns.name());
+    let tolerating_image = format!("registry.example/hostile/tolerating:{}", ns.name());
+    let control_plane_toleration: Toleration = serde_json::from_value(json!({
+        "key": "node-role.kubernetes.io/control-plane",
+        "operator": "Exists",
+        "effect": "NoSchedule",
+    }))?;
+    apply(
+        &prefetches,
+        prefetch_json("plain", json!({ "images": [plain_image] })),
+    )
+    .await?;
+    apply(
+        &prefetches,
+        prefetch_json(
+            "tolerating",
+            json!({ "images": [tolerating_image], "tolerations": [control_plane_toleration] }),
+        ),
+    )
+    .await?;
+    let kubeconfig = support::kubeconfig_path().display().to_string();
+    let _orchestrator = Orchestrator::start(
+        "taints",
+        Options {
+            kubeconfig_toml: Some(format!(
+                "[[kubeconfig]]\npath = {kubeconfig:?}\ncontexts = [{cluster:?}]\n"
+            )),
+            ..Options::default()
+        },
+    )
+    .await?;
+
+    let workers: BTreeSet<String> = workers(&cluster).into_iter().collect();
+    let control_plane = format!("{cluster}-control-plane");
+    let plain = wait_phase(&client, ns.name(), "plain", Phase::Ready, READY_TIMEOUT).await?;
+    assert_eq!(plain.nodes as usize, workers.len(), "{plain:?}");
+    let tolerating = wait_phase(
+        &client,
+        ns.name(),
+        "tolerating",
+        Phase::Ready,
+        READY_TIMEOUT,
+    )
+    .await?;
+    assert_eq!(
+        tolerating.nodes as usize,
+        workers.len() + 1,
+        "{tolerating:?}"
+    );
+
+    let pulled_on = |image: &str| -> BTreeSet<String> {
+        log.pods_in(ns.name())
+            .into_iter()
+            .filter(|pod| {
+                pod.image
+                    .ends_with(image.rsplit('/').next().unwrap_or(image))
+            })
+            .map(|pod| pod.node)
+            .collect()
+    };
+    assert_eq!(pulled_on(&plain_image), workers, "plain pull pods");
+    let mut everywhere = workers.clone();
+    everywhere.insert(control_plane.clone());
+    assert_eq!(
+        pulled_on(&tolerating_image),
+        everywhere,
+        "tolerating pull pods"
+    );
+    let on_control_plane = log
+        .pods_in(ns.name())
+        .into_iter()
+        .find(|pod| pod.node == control_plane)
+        .context("no pull pod on the control plane")?;
+    let tolerations = on_control_plane
+        .pod
+        .spec
+        .and_then(|spec| spec.tolerations)
+        .unwrap_or_default();
+    assert!(
+        tolerations.contains(&control_plane_toleration),
+        "{tolerations:?}"
+    );
+    ns.cleanup().await?;
+    Ok(())
 }

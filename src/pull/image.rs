@@ -20,8 +20,24 @@ const DEFAULT_TAG: &str = "latest";
 const MAX_NAME_LEN: usize = 255;
 const MAX_TAG_LEN: usize = 128;
 
+/// Messages quote at most this many characters of what they refer to: a
+/// Prefetch may list 256 references of 4096 characters, and the status
+/// that reports them must stay small.
+const QUOTED_MAX: usize = 100;
+
+/// `text` quoted, cut to [`QUOTED_MAX`] characters with its length noted.
+fn quoted(text: &str) -> String {
+    let length = text.chars().count();
+    if length <= QUOTED_MAX {
+        format!("{text:?}")
+    } else {
+        let head: String = text.chars().take(QUOTED_MAX).collect();
+        format!("{head:?}... ({length} characters)")
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid image reference {reference:?}: {reason}")]
+#[error("invalid image reference {}: {reason}", quoted(reference))]
 pub struct ImageRefError {
     pub reference: String,
     pub reason: String,
@@ -229,12 +245,14 @@ fn validate_tag(tag: &str) -> Result<(), String> {
         .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
     if !first_ok {
         return Err(format!(
-            "tag {tag:?} must start with a letter, digit or '_'"
+            "tag {} must start with a letter, digit or '_'",
+            quoted(tag)
         ));
     }
     if !chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) {
         return Err(format!(
-            "tag {tag:?} may contain only letters, digits, '_', '.' and '-'"
+            "tag {} may contain only letters, digits, '_', '.' and '-'",
+            quoted(tag)
         ));
     }
     Ok(())
@@ -244,14 +262,14 @@ fn validate_tag(tag: &str) -> Result<(), String> {
 /// (sha256, sha512) must have exactly their length of lowercase hex.
 fn validate_digest(digest: &str) -> Result<(), String> {
     let Some((algorithm, encoded)) = digest.split_once(':') else {
-        return Err(format!("digest {digest:?} must be algorithm:hex"));
+        return Err(format!("digest {} must be algorithm:hex", quoted(digest)));
     };
     let algorithm_ok = !algorithm.is_empty()
         && algorithm
             .split(['+', '.', '_', '-'])
             .all(|part| !part.is_empty() && part.chars().all(is_lower_alnum));
     if !algorithm_ok {
-        return Err(format!("invalid digest algorithm {algorithm:?}"));
+        return Err(format!("invalid digest algorithm {}", quoted(algorithm)));
     }
     let hex_len = match algorithm {
         "sha256" => Some(64),
@@ -276,7 +294,7 @@ fn validate_digest(digest: &str) -> Result<(), String> {
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '=' | '_' | '-'));
             if !encoded_ok {
-                return Err(format!("invalid digest value {encoded:?}"));
+                return Err(format!("invalid digest value {}", quoted(encoded)));
             }
         }
     }
@@ -307,7 +325,7 @@ fn validate_registry(registry: &str) -> Result<(), String> {
     if host_ok && port_ok {
         Ok(())
     } else {
-        Err(format!("invalid registry host {registry:?}"))
+        Err(format!("invalid registry host {}", quoted(registry)))
     }
 }
 
@@ -326,16 +344,20 @@ fn is_dns_name(host: &str) -> bool {
 /// runs of `-`, separated by `/`.
 fn validate_repository(path: &str) -> Result<(), String> {
     if path.chars().any(|c| c.is_ascii_uppercase()) {
-        return Err(format!("repository {path:?} must be lowercase"));
+        return Err(format!("repository {} must be lowercase", quoted(path)));
     }
     for component in path.split('/') {
         if component.is_empty() {
-            return Err(format!("repository {path:?} has an empty path component"));
+            return Err(format!(
+                "repository {} has an empty path component",
+                quoted(path)
+            ));
         }
         if !is_path_component(component) {
             return Err(format!(
-                "repository component {component:?} must be lowercase letters and digits \
-                 separated by '.', '_', '__' or '-'"
+                "repository component {} must be lowercase letters and digits \
+                 separated by '.', '_', '__' or '-'",
+                quoted(component)
             ));
         }
     }
@@ -520,6 +542,24 @@ mod tests {
         assert!(normalize(&format!("nginx:{}", "t".repeat(129))).is_err());
         assert!(normalize(&format!("nginx:{}", "t".repeat(128))).is_ok());
         assert!(normalize(&format!("ghcr.io/{}", "a".repeat(250))).is_err());
+    }
+
+    /// 256 such references end up in one status: each message stays short.
+    #[test]
+    fn long_references_are_quoted_short() {
+        let long = format!("Registry.example/{}", "A".repeat(4096));
+        let error = err(&long);
+        assert_eq!(error.reference, long, "the full reference is kept");
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "invalid image reference \"Registry.example/{}\"... (4113 characters): repository \"{}\"... (4096 characters) must be lowercase",
+                "A".repeat(83),
+                "A".repeat(100)
+            )
+        );
+        let garbage = "x".repeat(4096) + " y";
+        assert!(err(&garbage).to_string().len() < 200);
     }
 
     #[test]

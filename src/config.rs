@@ -661,11 +661,7 @@ fn read_file(text: &str, path: &Path) -> Result<WrittenConfig, ConfigError> {
     let written = |value: &toml::Spanned<DeValue>| Written {
         value: raw(value.get_ref()),
         origin: at(value.span()),
-        text: text
-            .get(value.span())
-            .unwrap_or_default()
-            .trim()
-            .to_string(),
+        text: as_found(text.get(value.span()).unwrap_or_default().trim()),
     };
     let sections = || {
         SETTINGS
@@ -752,6 +748,18 @@ fn read_file(text: &str, path: &Path) -> Result<WrittenConfig, ConfigError> {
         }
     }
     Ok(config)
+}
+
+/// What a message shows after "found": the value as written, cut short
+/// (a list of a thousand contexts need not be repeated in full).
+fn as_found(written: &str) -> String {
+    const SHOWN_MAX: usize = 120;
+    if written.chars().count() <= SHOWN_MAX {
+        written.to_string()
+    } else {
+        let head: String = written.chars().take(SHOWN_MAX).collect();
+        format!("{head}...")
+    }
 }
 
 fn raw(value: &DeValue) -> Raw {
@@ -843,8 +851,8 @@ fn env_overrides(
             }
         };
         let text = match &raw {
-            Raw::Str(text) => format!("{text:?}"),
-            _ => value.trim().to_string(),
+            Raw::Str(text) => as_found(&format!("{text:?}")),
+            _ => as_found(value.trim()),
         };
         overrides.insert(
             key,
@@ -1781,6 +1789,26 @@ lease_name = "prefetch"
     }
 
     #[test]
+    fn duplicate_keys_and_other_toml_shapes() {
+        let error = parse_str(
+            "[defaults]\nretry_after = 1\nretry_after = 2\n[[kubeconfig]]\npath = \"k\"\n",
+            Path::new("c.toml"),
+        )
+        .expect_err("duplicate key")
+        .to_string();
+        assert!(error.starts_with("c.toml:3:1: "), "{error}");
+        // Dotted keys and inline tables are the same settings.
+        let config = parse_str(
+            "defaults.retry_after = \"2m\"\nserver = { listen = \"127.0.0.1:9\" }\nkubeconfig = [{ path = \"k\" }]\n",
+            Path::new("c.toml"),
+        )
+        .expect("dotted and inline");
+        assert_eq!(config.defaults.retry_after, Duration::from_secs(120));
+        assert_eq!(config.server.listen.port(), 9);
+        assert_eq!(config.kubeconfig.len(), 1);
+    }
+
+    #[test]
     fn single_bracket_kubeconfig_says_to_use_an_array_of_tables() {
         let error = parse_str("[kubeconfig]\npath = \"k\"\n", Path::new("c.toml"))
             .expect_err("[kubeconfig]")
@@ -2077,6 +2105,30 @@ lease_name = "prefetch"
         assert_eq!(
             error,
             "c.toml:3:12: kubeconfig entry 1: contexts must be a list of at most 1000 context names, each of 1 to 253 characters without control characters, found [\"a\", \"\"]"
+        );
+    }
+
+    #[test]
+    fn long_values_are_shown_cut_short() {
+        let contexts: Vec<String> = (0..1001).map(|i| format!("\"c{i}\"")).collect();
+        let error = parse_str(
+            &format!(
+                "[[kubeconfig]]\npath = \"k\"\ncontexts = [{}]\n",
+                contexts.join(", ")
+            ),
+            Path::new("c.toml"),
+        )
+        .expect_err("too many contexts")
+        .to_string();
+        let shown: String = format!("[{}", contexts.join(", "))
+            .chars()
+            .take(120)
+            .collect();
+        assert_eq!(
+            error,
+            format!(
+                "c.toml:3:12: kubeconfig entry 1: contexts must be a list of at most 1000 context names, each of 1 to 253 characters without control characters, found {shown}..."
+            )
         );
     }
 

@@ -350,3 +350,93 @@ async fn images_only_prefetch_keeps_off_tainted_nodes_unless_tolerated() -> Resu
     ns.cleanup().await?;
     Ok(())
 }
+
+/// A Prefetch stored before the schema checked label keys (here: the CEL
+/// rule is removed for a moment) must not turn `app!` into the selector
+/// `app!=web`, which would pull the images of every workload whose app is
+/// not web. It is FAILED, its status names the key, nothing is pulled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_bad_label_key_selects_nothing_and_is_reported() -> Result<()> {
+    let _serial = setup().await;
+    let cluster = support::cluster_names()[0].clone();
+    let client = support::client(&cluster).await;
+    let ns = support::TestNamespace::create(&cluster, "badkey").await?;
+    let log = PodLog::start(client.clone()).await?;
+
+    let restore_crd = support::Cleanup::new(&cluster, "the Prefetch CRD", |client| async move {
+        install_crd(&client).await
+    });
+    let mut lax = serde_json::to_value(<Prefetch as kube::CustomResourceExt>::crd())?;
+    let filter = &mut lax["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        ["properties"]["filter_by_labels"];
+    filter
+        .as_object_mut()
+        .context("filter_by_labels in the CRD schema")?
+        .remove("x-kubernetes-validations");
+    let crds: kube::Api<
+        k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    > = kube::Api::all(client.clone());
+    crds.patch(
+        "prefetches.cache.techsquad.rocks",
+        &kube::api::PatchParams::apply("kube-prefetch-tests").force(),
+        &kube::api::Patch::Apply(&lax),
+    )
+    .await
+    .context("relaxing the CRD")?;
+    let prefetches = ns.api::<Prefetch>();
+    let other_image = format!("registry.example/hostile/other:{}", ns.name());
+    let deployments = ns.api::<k8s_openapi::api::apps::v1::Deployment>();
+    apply(
+        &deployments,
+        json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": { "name": "other", "labels": { "app": "other" } },
+            "spec": {
+                "replicas": 1,
+                "selector": { "matchLabels": { "app": "other" } },
+                "template": {
+                    "metadata": { "labels": { "app": "other" } },
+                    "spec": { "containers": [{ "name": "app", "image": other_image }] },
+                },
+            },
+        }),
+    )
+    .await?;
+    apply(
+        &prefetches,
+        prefetch_json("bad-key", json!({ "filter_by_labels": { "app!": "web" } })),
+    )
+    .await
+    .context("the relaxed CRD refused the bad key")?;
+    restore_crd.run().await?;
+
+    let kubeconfig = support::kubeconfig_path().display().to_string();
+    let _orchestrator = Orchestrator::start(
+        "badkey",
+        Options {
+            kubeconfig_toml: Some(format!(
+                "[[kubeconfig]]\npath = {kubeconfig:?}\ncontexts = [{cluster:?}]\n"
+            )),
+            ..Options::default()
+        },
+    )
+    .await?;
+    let status = wait_phase(&client, ns.name(), "bad-key", Phase::Failed, READY_TIMEOUT).await?;
+    assert_eq!(
+        status.message.as_deref(),
+        Some(
+            "filter_by_labels: key \"app!\" is not a label key: an optional DNS subdomain prefix and '/', then at most 63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit; no workload is selected"
+        )
+    );
+    // Long enough for a watch on `app!=web` to have found `other`.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pulled: Vec<String> = log
+        .pods_in(ns.name())
+        .into_iter()
+        .map(|pod| format!("{} on {}", pod.image, pod.node))
+        .collect();
+    assert!(pulled.is_empty(), "pulled: {pulled:?}");
+    ns.cleanup().await?;
+    Ok(())
+}

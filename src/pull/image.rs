@@ -9,6 +9,8 @@
 use std::collections::HashSet;
 use std::fmt;
 
+use crate::names::quoted;
+
 /// The Docker Hub registry as it appears in canonical references.
 pub const DEFAULT_REGISTRY: &str = "docker.io";
 /// The legacy Docker Hub host, folded into [`DEFAULT_REGISTRY`].
@@ -19,22 +21,6 @@ const DEFAULT_TAG: &str = "latest";
 /// Distribution's limit on `registry/repository`.
 const MAX_NAME_LEN: usize = 255;
 const MAX_TAG_LEN: usize = 128;
-
-/// Messages quote at most this many characters of what they refer to: a
-/// Prefetch may list 256 references of 4096 characters, and the status
-/// that reports them must stay small.
-const QUOTED_MAX: usize = 100;
-
-/// `text` quoted, cut to [`QUOTED_MAX`] characters with its length noted.
-fn quoted(text: &str) -> String {
-    let length = text.chars().count();
-    if length <= QUOTED_MAX {
-        format!("{text:?}")
-    } else {
-        let head: String = text.chars().take(QUOTED_MAX).collect();
-        format!("{head:?}... ({length} characters)")
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid image reference {}: {reason}", quoted(reference))]

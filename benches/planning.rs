@@ -23,7 +23,7 @@ use k8s_openapi::api::core::v1::{
 use kube_prefetch::api::WorkloadKind;
 use kube_prefetch::pull::image::{NodeImages, node_has_image, normalize};
 use kube_prefetch::pull::plan::{DesiredSet, ExtraImages, PairKey, PullTarget, desired_pulls};
-use kube_prefetch::pull::podspec::{PullPodParams, build_pull_pod};
+use kube_prefetch::pull::podspec::{PullMethod, PullPodParams, build_pull_pod};
 use kube_prefetch::pull::targeting::{NodeTargeting, NodeView, SchedulingConstraints};
 use kube_prefetch::pull::tracker::{BackoffPolicy, Budget, Outcome, Tracker, select_dispatch};
 use kube_prefetch::pull::workload::WorkloadImages;
@@ -931,6 +931,7 @@ fn main() {
             prefetch_name: "warm-payments",
             prefetch_uid: "6f1c2a4e-8b3d-4f7a-9c1e-2d5b7a9e0f13",
             target: black_box(&target),
+            method: PullMethod::Helper,
             helper_image: "ghcr.io/kube-prefetch/kube-prefetch-noop:0.1.0",
             timeout_seconds: 600,
             priority_class: Some("kube-prefetch-low"),

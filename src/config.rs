@@ -39,6 +39,8 @@ use toml::de::{DeTable, DeValue};
 
 use crate::names;
 
+use crate::pull::podspec::PullMethod;
+
 /// Prefix of the environment overrides, e.g. `KUBE_PREFETCH__SERVER__LISTEN`.
 pub const ENV_PREFIX: &str = "KUBE_PREFETCH";
 /// Separates the prefix, the section and the key in an override's name.
@@ -181,7 +183,12 @@ pub struct Policy {
     pub cross_namespace: bool,
     /// Pull pods tolerate every taint instead of copying the workload's tolerations.
     pub tolerate_all_taints: bool,
-    /// Image of the init container that provides the static no-op binary.
+    /// How pull pods avoid running the image's code: `helper` (an init
+    /// container with a static no-op) or `direct` (a command that cannot
+    /// exist; no helper image needed).
+    pub pull_method: PullMethod,
+    /// Image of the init container that provides the static no-op binary
+    /// (`pull_method = "helper"` only).
     pub helper_image: String,
     /// PriorityClass of pull pods (a low one keeps them from preempting work).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -193,6 +200,7 @@ impl Default for Policy {
         Policy {
             cross_namespace: false,
             tolerate_all_taints: false,
+            pull_method: PullMethod::default(),
             helper_image: DEFAULT_HELPER_IMAGE.to_string(),
             priority_class: None,
         }
@@ -604,6 +612,7 @@ pub const SETTINGS: &[(&str, &[&str])] = &[
         &[
             "cross_namespace",
             "tolerate_all_taints",
+            "pull_method",
             "helper_image",
             "priority_class",
         ],
@@ -615,6 +624,7 @@ pub const SETTINGS: &[(&str, &[&str])] = &[
 /// or boolean (`LEASE_NAME=42` is the name "42").
 pub const TEXT_SETTINGS: &[&str] = &[
     "server.listen",
+    "policy.pull_method",
     "policy.helper_image",
     "policy.priority_class",
     "leader_election.namespace",
@@ -1081,6 +1091,36 @@ impl<'a> Reader<'a> {
             .ok_or_else(|| self.invalid(key, format!("{expected}, found {}", written.text)))
     }
 
+    /// One of a few names, e.g. `"helper"` or `"direct"`.
+    fn choice<T: Copy>(
+        &self,
+        key: &str,
+        default: T,
+        choices: &[(&str, T)],
+    ) -> Result<T, ConfigError> {
+        let Some(written) = self.get(key) else {
+            return Ok(default);
+        };
+        let chosen = match &written.value {
+            Raw::Str(text) => choices.iter().find(|(name, _)| name == text),
+            _ => None,
+        };
+        chosen.map(|(_, value)| *value).ok_or_else(|| {
+            let names: Vec<String> = choices
+                .iter()
+                .map(|(name, _)| format!("{name:?}"))
+                .collect();
+            self.invalid(
+                key,
+                format!(
+                    "must be one of {}, found {}",
+                    names.join(", "),
+                    written.text
+                ),
+            )
+        })
+    }
+
     /// Free text, checked by `rule` (which says what it expects).
     fn text(
         &self,
@@ -1236,6 +1276,14 @@ fn validate_with(
     let policy = Policy {
         cross_namespace: read.boolean("policy.cross_namespace", p.cross_namespace)?,
         tolerate_all_taints: read.boolean("policy.tolerate_all_taints", p.tolerate_all_taints)?,
+        pull_method: read.choice(
+            "policy.pull_method",
+            p.pull_method,
+            &[
+                (PullMethod::Helper.as_str(), PullMethod::Helper),
+                (PullMethod::Direct.as_str(), PullMethod::Direct),
+            ],
+        )?,
         helper_image: read.text("policy.helper_image", &p.helper_image, image_reference)?,
         priority_class: read.optional_text("policy.priority_class", |text| {
             names::dns_subdomain(text).map_err(|rule| {
@@ -1572,6 +1620,7 @@ max_attempts = 3
 [policy]
 cross_namespace = true
 tolerate_all_taints = true
+pull_method = "direct"
 helper_image = "registry.local/noop:1"
 priority_class = "low"
 
@@ -1618,6 +1667,7 @@ lease_name = "prefetch"
             policy: Policy {
                 cross_namespace: true,
                 tolerate_all_taints: true,
+                pull_method: PullMethod::Direct,
                 helper_image: "registry.local/noop:1".into(),
                 priority_class: Some("low".into()),
             },
@@ -2105,6 +2155,32 @@ lease_name = "prefetch"
         assert_eq!(
             error,
             "c.toml:3:12: kubeconfig entry 1: contexts must be a list of at most 1000 context names, each of 1 to 253 characters without control characters, found [\"a\", \"\"]"
+        );
+    }
+
+    #[test]
+    fn pull_method_is_one_of_its_names() {
+        let error = parse_str(
+            &format!("[policy]\npull_method = \"fast\"\n{MINIMAL}"),
+            Path::new("c.toml"),
+        )
+        .expect_err("unknown method")
+        .to_string();
+        assert_eq!(
+            error,
+            "c.toml:2:15: policy.pull_method must be one of \"helper\", \"direct\", found \"fast\""
+        );
+        let config = minimal()
+            .load_env(&[("KUBE_PREFETCH__POLICY__PULL_METHOD", "direct")])
+            .expect("direct from the environment");
+        assert_eq!(config.policy.pull_method, PullMethod::Direct);
+        let error = minimal()
+            .load_env(&[("KUBE_PREFETCH__POLICY__PULL_METHOD", "Direct")])
+            .expect_err("names are lowercase")
+            .to_string();
+        assert_eq!(
+            error,
+            "environment variable KUBE_PREFETCH__POLICY__PULL_METHOD=\"Direct\": policy.pull_method must be one of \"helper\", \"direct\", found \"Direct\""
         );
     }
 

@@ -440,3 +440,86 @@ async fn stored_bad_label_key_selects_nothing_and_is_reported() -> Result<()> {
     ns.cleanup().await?;
     Ok(())
 }
+
+/// A NotReady node gets no pull pod for a Prefetch's `images`, even when
+/// the Prefetch tolerates every taint: nothing would pull there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_only_prefetch_keeps_off_not_ready_nodes() -> Result<()> {
+    let _serial = setup().await;
+    let cluster = support::cluster_names()[0].clone();
+    let ns = support::TestNamespace::create(&cluster, "notready").await?;
+    let client = ns.client();
+    let log = PodLog::start(client.clone()).await?;
+
+    // No kwok annotation: no simulated kubelet keeps this node Ready.
+    let node_name = support::unique_name("hostile-notready");
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
+    apply(
+        &nodes,
+        json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": { "name": node_name, "labels": { "kubernetes.io/os": "linux" } },
+        }),
+    )
+    .await?;
+    let remove_node = {
+        let node_name = node_name.clone();
+        support::Cleanup::new(&cluster, format!("node {node_name}"), |client| async move {
+            let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
+            let _ = nodes
+                .delete(&node_name, &kube::api::DeleteParams::default())
+                .await;
+            Ok(())
+        })
+    };
+    let not_ready = json!({ "status": { "conditions": [{ "type": "Ready", "status": "False", "reason": "KubeletNotReady", "message": "set by the test" }] } });
+    nodes
+        .patch_status(
+            &node_name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&not_ready),
+        )
+        .await?;
+
+    let image = format!("registry.example/hostile/notready:{}", ns.name());
+    apply(
+        &ns.api::<Prefetch>(),
+        prefetch_json(
+            "everywhere",
+            json!({ "images": [image], "tolerations": [{ "operator": "Exists" }] }),
+        ),
+    )
+    .await?;
+    let kubeconfig = support::kubeconfig_path().display().to_string();
+    let _orchestrator = Orchestrator::start(
+        "notready",
+        Options {
+            kubeconfig_toml: Some(format!(
+                "[[kubeconfig]]\npath = {kubeconfig:?}\ncontexts = [{cluster:?}]\n"
+            )),
+            ..Options::default()
+        },
+    )
+    .await?;
+    let status = wait_phase(
+        &client,
+        ns.name(),
+        "everywhere",
+        Phase::Ready,
+        READY_TIMEOUT,
+    )
+    .await?;
+    let mut ready_nodes: BTreeSet<String> = workers(&cluster).into_iter().collect();
+    ready_nodes.insert(format!("{cluster}-control-plane"));
+    assert_eq!(status.nodes as usize, ready_nodes.len(), "{status:?}");
+    let pulled_on: BTreeSet<String> = log
+        .pods_in(ns.name())
+        .into_iter()
+        .map(|pod| pod.node)
+        .collect();
+    assert_eq!(pulled_on, ready_nodes);
+    remove_node.run().await?;
+    ns.cleanup().await?;
+    Ok(())
+}

@@ -379,18 +379,38 @@ pub enum ConfigError {
         entry: usize,
     },
 
-    #[error(
-        "cluster name {name:?} is used twice: by context {first_context:?} of kubeconfig {} and by context {second_context:?} of kubeconfig {}; give one [[kubeconfig]] entry a distinct name_prefix or list each context once",
-        first_kubeconfig.display(),
-        second_kubeconfig.display()
-    )]
-    DuplicateCluster {
-        name: String,
-        first_kubeconfig: PathBuf,
-        first_context: String,
-        second_kubeconfig: PathBuf,
-        second_context: String,
-    },
+    /// Boxed: the error stays small for the common cases.
+    #[error("{0}")]
+    DuplicateCluster(Box<DuplicateCluster>),
+}
+
+/// Two `[[kubeconfig]]` contexts that make the same cluster name.
+#[derive(Debug)]
+pub struct DuplicateCluster {
+    pub name: String,
+    pub first_kubeconfig: PathBuf,
+    pub first_context: String,
+    pub second_kubeconfig: PathBuf,
+    pub second_context: String,
+    /// Where the second entry is written, when known.
+    pub origin: Option<Origin>,
+    /// 1-based index of the second entry.
+    pub entry: usize,
+}
+
+impl fmt::Display for DuplicateCluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}cluster name {:?} is used twice: by context {:?} of kubeconfig {} and by context {:?} of kubeconfig {}; give one [[kubeconfig]] entry a distinct name_prefix or list each context once",
+            entry_at(self.origin.as_ref(), self.entry),
+            self.name,
+            self.first_context,
+            self.first_kubeconfig.display(),
+            self.second_context,
+            self.second_kubeconfig.display()
+        )
+    }
 }
 
 fn named_at(origin: Option<&Origin>) -> String {
@@ -476,13 +496,15 @@ fn resolve(config: &Config, entries: &[WrittenEntry]) -> Result<Vec<ClusterTarge
             };
             if let Some(&first) = by_name.get(&target.name) {
                 let first = &clusters[first];
-                return Err(ConfigError::DuplicateCluster {
+                return Err(ConfigError::DuplicateCluster(Box::new(DuplicateCluster {
                     name: target.name,
                     first_kubeconfig: first.kubeconfig.clone(),
                     first_context: first.context.clone(),
                     second_kubeconfig: target.kubeconfig,
                     second_context: target.context,
-                });
+                    origin: written.map(|entry| entry.origin.clone()),
+                    entry: index + 1,
+                })));
             }
             by_name.insert(target.name.clone(), clusters.len());
             clusters.push(target);
@@ -2320,12 +2342,12 @@ lease_name = "prefetch"
         );
         let error = fixture.error();
         let expected = format!(
-            "cluster name \"b\" is used twice: by context \"b\" of kubeconfig {} and by context \"b\" of kubeconfig {}",
+            "{}:4:1: kubeconfig entry 2: cluster name \"b\" is used twice: by context \"b\" of kubeconfig {} and by context \"b\" of kubeconfig {}; give one [[kubeconfig]] entry a distinct name_prefix or list each context once",
+            fixture.config_path().display(),
             fixture.path("one").display(),
             fixture.path("two").display()
         );
-        assert!(error.starts_with(&expected), "{error}");
-        assert!(error.contains("name_prefix"), "{error}");
+        assert_eq!(error, expected);
 
         // A prefix makes them distinct.
         let fixed = Fixture::new(
@@ -2348,7 +2370,9 @@ lease_name = "prefetch"
         assert!(
             twice
                 .error()
-                .starts_with("cluster name \"a\" is used twice")
+                .contains(": kubeconfig entry 1: cluster name \"a\" is used twice"),
+            "{}",
+            twice.error()
         );
     }
 

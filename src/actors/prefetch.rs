@@ -24,7 +24,10 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::actors::cluster::{ClusterContext, SlotsFreed};
 use crate::actors::delete_pull_pod;
 use crate::actors::status::{PrefetchGone, PrefetchReported, PrefetchSummary};
-use crate::api::{Condition, Phase, Prefetch, PrefetchStatus, WorkloadKind};
+use crate::api::{
+    Condition, MAX_PULL_TIMEOUT_SECONDS, MAX_RETRY_AFTER_SECONDS, Phase, Prefetch, PrefetchStatus,
+    WorkloadKind,
+};
 use crate::error::{api_status_code, describe_kube_error, describe_watch_error};
 use crate::pull::outcome::classify;
 use crate::pull::plan::{DesiredSet, ExtraImages, PairKey, desired_pulls};
@@ -146,14 +149,16 @@ impl PrefetchActor {
 
     fn retry_after(&self) -> Duration {
         match self.prefetch.spec.retry_after {
-            Some(seconds) if seconds > 0 => Duration::from_secs(seconds.unsigned_abs()),
+            Some(seconds) if seconds > 0 => {
+                Duration::from_secs(seconds.min(MAX_RETRY_AFTER_SECONDS).unsigned_abs())
+            }
             _ => self.shared.config.defaults.retry_after,
         }
     }
 
     fn pull_timeout_seconds(&self) -> i64 {
         match self.prefetch.spec.pull_timeout_seconds {
-            Some(seconds) if seconds > 0 => seconds,
+            Some(seconds) if seconds > 0 => seconds.min(MAX_PULL_TIMEOUT_SECONDS),
             _ => i64::try_from(self.shared.config.defaults.pull_timeout.as_secs()).unwrap_or(600),
         }
     }
@@ -172,8 +177,11 @@ impl PrefetchActor {
         let (namespaces, refused) =
             spec.workload_namespaces(&self.namespace(), self.shared.config.policy.cross_namespace);
         self.refused_namespaces = refused;
-        let kinds = spec.selected_workload_kinds();
-        let labels = spec.label_selector();
+        // An invalid label key builds no selector (spec_problems reports it).
+        let (kinds, labels) = match spec.label_selector() {
+            Ok(labels) => (spec.selected_workload_kinds(), labels),
+            Err(_) => (Vec::new(), String::new()),
+        };
         let plan = WatchPlan {
             labels,
             kinds,
@@ -265,10 +273,7 @@ impl PrefetchActor {
             namespace: self.namespace(),
             image_pull_secrets: spec.image_pull_secrets.clone(),
         };
-        let targeting = NodeTargeting {
-            node_filter: spec.node_filter.clone(),
-            node_selector: spec.node_selector.clone(),
-        };
+        let targeting = NodeTargeting::from_spec(spec);
         let desired = desired_pulls(
             &nodes,
             &workloads,
@@ -618,6 +623,11 @@ impl PrefetchActor {
                 "namespaces {} refused: cross-namespace prefetching is disabled by policy (policy.cross_namespace = false)",
                 self.refused_namespaces.join(", ")
             ));
+        }
+        let problems = spec.spec_problems();
+        if !problems.is_empty() {
+            phase = Phase::Failed;
+            messages.extend(problems);
         }
         let watch_errors: Vec<String> =
             self.watches

@@ -78,14 +78,14 @@ pub fn tolerate_everything() -> Toleration {
 /// For every node passing `targeting`: each workload whose scheduling allows
 /// the node (when `respect_scheduling`) contributes its images, pulled in its
 /// namespace with its secrets, service account and tolerations; then every
-/// extra image is added in `extra.namespace` with `extra`'s secrets (extras
-/// only need targeting). With `tolerate_all_taints` each pull pod gets one
+/// extra image is added in `extra.namespace` with `extra`'s secrets on the
+/// nodes whose taints the Prefetch's own `targeting.tolerations` tolerate. With `tolerate_all_taints` each pull pod gets one
 /// toleration of everything instead. When two sources give the same pair the
 /// first wins: workloads in the given order, then extras.
 ///
-/// `nodes` holds every node passing targeting, except that when there are
-/// workloads a node also needs at least one workload allowed on it or at
-/// least one valid extra image (i.e. it has or could have pairs).
+/// `nodes` holds every node passing targeting that has or could have
+/// pairs: a workload allowed on it, or valid extra images allowed there;
+/// with neither workloads nor extra images, every targeted node.
 pub fn desired_pulls(
     nodes: &[NodeView],
     workloads: &[WorkloadImages],
@@ -160,18 +160,25 @@ pub fn desired_pulls(
                 });
             }
         }
-        for image in &extra_images {
-            let key = PairKey::new(node.name.clone(), image.clone());
-            desired.pairs.entry(key).or_insert_with(|| PullTarget {
-                node: node.name.clone(),
-                image: image.clone(),
-                namespace: extra.namespace.clone(),
-                image_pull_secrets: extra.image_pull_secrets.clone(),
-                service_account: None,
-                tolerations: tolerations_for(&[]),
-            });
+        // The Prefetch's own images have no workload to follow: its own
+        // tolerations decide which tainted nodes they may go to.
+        let own_images_allowed = targeting.allows_own_images(node);
+        if own_images_allowed {
+            for image in &extra_images {
+                let key = PairKey::new(node.name.clone(), image.clone());
+                desired.pairs.entry(key).or_insert_with(|| PullTarget {
+                    node: node.name.clone(),
+                    image: image.clone(),
+                    namespace: extra.namespace.clone(),
+                    image_pull_secrets: extra.image_pull_secrets.clone(),
+                    service_account: None,
+                    tolerations: tolerations_for(&targeting.tolerations),
+                });
+            }
         }
-        if workloads.is_empty() || any_workload_allowed || !extra_images.is_empty() {
+        let has_own_images = own_images_allowed && !extra_images.is_empty();
+        let nothing_to_pull = workloads.is_empty() && extra_images.is_empty();
+        if any_workload_allowed || has_own_images || nothing_to_pull {
             desired.nodes.insert(node.name.clone());
         }
     }
@@ -481,6 +488,7 @@ mod tests {
         let targeting = NodeTargeting {
             node_filter: None,
             node_selector: BTreeMap::from([("pool".to_string(), "edge".to_string())]),
+            ..NodeTargeting::default()
         };
         let nodes = [
             node("a", &[("pool", "edge")]),

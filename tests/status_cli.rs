@@ -387,3 +387,62 @@ fn dead_cluster_kubeconfig(dir: &std::path::Path, cluster: &str) -> Result<std::
     std::fs::write(&path, serde_json::to_string_pretty(&kubeconfig)?)?;
     Ok(path)
 }
+
+/// Runs `kube-prefetch status ARGS` on a pseudo-terminal (util-linux
+/// `script`), for `duration` at most, and returns what it wrote there.
+fn on_a_terminal(args: &str, no_color: bool, duration: Duration) -> Result<String> {
+    let command_line = format!("{} status {args}", binary().display());
+    let mut command = Command::new("timeout");
+    command
+        .arg(format!("{}", duration.as_secs()))
+        .args([
+            "script",
+            "--quiet",
+            "--return",
+            "--command",
+            &command_line,
+            "/dev/null",
+        ])
+        .env_remove("NO_COLOR")
+        .stdin(Stdio::null());
+    if no_color {
+        command.env("NO_COLOR", "1");
+    }
+    let output = command.output().context("running script(1)")?;
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// On a terminal: colours unless NO_COLOR is set, and `--watch` redraws in
+/// place (home and clear before each frame).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_on_a_terminal_is_coloured_and_watch_redraws() -> Result<()> {
+    let _serial = setup().await;
+    let orchestrator = Orchestrator::start("status-terminal", Options::default()).await?;
+    let url = orchestrator.url();
+    let coloured = tokio::task::block_in_place(|| {
+        on_a_terminal(&format!("--url {url}"), false, Duration::from_secs(20))
+    })?;
+    assert!(
+        coloured.contains("\x1b[32mConnected\x1b[0m"),
+        "no colour on a terminal: {coloured:?}"
+    );
+    let plain = tokio::task::block_in_place(|| {
+        on_a_terminal(&format!("--url {url}"), true, Duration::from_secs(20))
+    })?;
+    assert!(plain.contains("Connected"), "{plain:?}");
+    assert!(
+        !plain.contains('\x1b'),
+        "colour despite NO_COLOR: {plain:?}"
+    );
+
+    let watched = tokio::task::block_in_place(|| {
+        on_a_terminal(
+            &format!("--url {url} --watch --interval 1"),
+            true,
+            Duration::from_secs(4),
+        )
+    })?;
+    let redraws = watched.matches("\x1b[H\x1b[2J").count();
+    assert!(redraws >= 2, "{redraws} redraws in 4 s: {watched:?}");
+    Ok(())
+}

@@ -1,6 +1,6 @@
 //! The command line: `run` (default), `check`, `plan`, `status`, `crd`.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -22,7 +22,7 @@ use tracing::info;
 use crate::actors::cluster::build_client;
 use crate::actors::status::{ClusterHealth, StatusActor, StatusView};
 use crate::actors::supervisor::{Reload, Supervisor};
-use crate::api::{Prefetch, WorkloadKind};
+use crate::api::{Phase, Prefetch, WorkloadKind};
 use crate::config::{self, ClusterTarget, Config};
 use crate::error::{api_status_code, describe_kube_error};
 use crate::metrics::Metrics;
@@ -45,6 +45,24 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+/// Exit codes of `kube-prefetch status`, shown by `status --help`.
+const STATUS_EXIT_CODES: &str = "\
+Exit codes:
+  0  every cluster is Connected and no Prefetch is FAILED
+  1  the status could not be read (instance not running, bad answer)
+  2  bad command line
+  3  some cluster is not Connected (Connecting, Unreachable, Forbidden, CrdMissing)
+  4  every cluster is Connected, but some Prefetch is FAILED
+With --watch the command runs until interrupted.";
+
+/// How `kube-prefetch status` prints the status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StatusFormat {
+    Table,
+    Wide,
+    Json,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -70,14 +88,26 @@ pub enum Command {
         #[arg(long, short, default_value = DEFAULT_CONFIG, env = "KUBE_PREFETCH_CONFIG")]
         config: PathBuf,
     },
-    /// Print the aggregated status of a running instance as a table.
+    /// Print the aggregated status of a running instance.
+    #[command(after_help = STATUS_EXIT_CODES)]
     Status {
         /// Base URL of the running instance.
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         url: String,
-        /// Print the raw JSON instead of a table.
-        #[arg(long)]
+        /// Output format: `table`, `wide` (adds version, images and message)
+        /// or `json` (the document of `GET /api/v1/status`).
+        #[arg(long, short, value_enum, default_value_t = StatusFormat::Table)]
+        output: StatusFormat,
+        /// Same as `-o json` (kept for scripts written before `-o`).
+        #[arg(long, conflicts_with = "output")]
         json: bool,
+        /// Keep printing the status until interrupted: redrawn in place on a
+        /// terminal, appended otherwise (one JSON document per line for `-o json`).
+        #[arg(long, short)]
+        watch: bool,
+        /// Seconds between two refreshes with `--watch`.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        interval: u64,
     },
     /// Print the Prefetch CRD (the YAML that deploy/crd.yaml holds).
     Crd,
@@ -139,7 +169,16 @@ pub fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run { config } => run(config).map(|()| ExitCode::SUCCESS),
         Command::Check { config } => check(config),
         Command::Plan { config } => plan(config),
-        Command::Status { url, json } => status(&url, json),
+        Command::Status {
+            url,
+            output,
+            json,
+            watch,
+            interval,
+        } => {
+            let format = if json { StatusFormat::Json } else { output };
+            status(&url, format, watch.then(|| Duration::from_secs(interval)))
+        }
         Command::Crd => {
             print!(
                 "{}",
@@ -508,84 +547,229 @@ async fn plan_cluster(config: &Config, target: &ClusterTarget) -> anyhow::Result
     Ok(lines)
 }
 
-fn status(url: &str, json: bool) -> anyhow::Result<ExitCode> {
-    let endpoint = format!("{}/api/v1/status", url.trim_end_matches('/'));
-    let body = ureq::get(&endpoint)
+/// Exit code of `status` for one snapshot (see [`STATUS_EXIT_CODES`]).
+pub fn status_exit_code(view: &StatusView) -> u8 {
+    let all_connected = view
+        .clusters
+        .iter()
+        .all(|cluster| matches!(cluster.health, ClusterHealth::Connected { .. }));
+    let any_failed = view
+        .clusters
+        .iter()
+        .flat_map(|cluster| &cluster.prefetches)
+        .any(|prefetch| prefetch.phase == Phase::Failed);
+    if !all_connected {
+        3
+    } else if any_failed {
+        4
+    } else {
+        0
+    }
+}
+
+/// One answer of `GET /api/v1/status`: the body as served (printed as is for
+/// `-o json`) and its parsed form.
+fn fetch_status(agent: &ureq::Agent, endpoint: &str) -> anyhow::Result<(String, StatusView)> {
+    let body = agent
+        .get(endpoint)
         .call()
         .with_context(|| format!("asking {endpoint} (is kube-prefetch running there?)"))?
         .body_mut()
         .read_to_string()
         .with_context(|| format!("reading the answer of {endpoint}"))?;
-    if json {
-        println!("{body}");
-        return Ok(ExitCode::SUCCESS);
-    }
     let view: StatusView = serde_json::from_str(&body)
         .with_context(|| format!("{endpoint} did not answer with a status document"))?;
-    print!("{}", status_table(&view));
-    let all_connected = view
-        .clusters
-        .iter()
-        .all(|cluster| matches!(cluster.health, ClusterHealth::Connected { .. }));
-    Ok(if all_connected {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(3)
-    })
+    Ok((body, view))
 }
 
-/// The table `kube-prefetch status` prints.
-pub fn status_table(view: &StatusView) -> String {
-    let mut rows = vec![[
-        "CLUSTER".to_string(),
-        "STATE".into(),
-        "PREFETCH".into(),
-        "PHASE".into(),
-        "NODES".into(),
-        "READY".into(),
-        "IN-FLIGHT".into(),
-        "FAILED".into(),
-        "TOTAL".into(),
-    ]];
-    for cluster in &view.clusters {
-        if cluster.prefetches.is_empty() {
-            rows.push([
-                cluster.name.clone(),
-                cluster.health.label().into(),
-                "-".into(),
-                "".into(),
-                "".into(),
-                "".into(),
-                "".into(),
-                "".into(),
-                "".into(),
-            ]);
+fn status(url: &str, format: StatusFormat, watch: Option<Duration>) -> anyhow::Result<ExitCode> {
+    let endpoint = format!("{}/api/v1/status", url.trim_end_matches('/'));
+    // A hung instance must not hang a script or freeze a watch.
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    let stdout = std::io::stdout();
+    let terminal = stdout.is_terminal();
+    let colour = colour_wanted(terminal);
+    let Some(interval) = watch else {
+        let (body, view) = fetch_status(&agent, &endpoint)?;
+        print!("{}", render_status(&body, &view, format, colour));
+        return Ok(ExitCode::from(status_exit_code(&view)));
+    };
+    loop {
+        let frame = match fetch_status(&agent, &endpoint) {
+            Ok((body, view)) => render_status(&body, &view, format, colour),
+            // The instance may be restarting: say so and keep watching.
+            Err(error) => format!("{error:#}\n"),
+        };
+        let mut out = stdout.lock();
+        let written = if terminal {
+            // Home and clear, then the frame: a redraw in place, like watch(1).
+            write!(
+                out,
+                "\x1b[H\x1b[2J{endpoint} every {}s, Ctrl-C stops\n\n{frame}",
+                interval.as_secs()
+            )
+        } else if format == StatusFormat::Json {
+            write!(out, "{frame}")
+        } else {
+            writeln!(out, "{frame}")
+        };
+        // A closed pipe (`status --watch | head`) ends the watch quietly.
+        if written.and_then(|()| out.flush()).is_err() {
+            return Ok(ExitCode::SUCCESS);
         }
-        for prefetch in &cluster.prefetches {
-            rows.push([
-                cluster.name.clone(),
-                cluster.health.label().into(),
-                format!("{}/{}", prefetch.namespace, prefetch.name),
-                prefetch.phase.to_string(),
-                prefetch.nodes.to_string(),
-                prefetch.pulls.ready.to_string(),
-                prefetch.pulls.in_flight.to_string(),
-                prefetch.pulls.failed.to_string(),
-                prefetch.pulls.total.to_string(),
-            ]);
+        drop(out);
+        std::thread::sleep(interval);
+    }
+}
+
+/// What `status` prints for one snapshot: `body` as served for JSON (one
+/// line, so a watch appends one document per line), else a table.
+pub fn render_status(body: &str, view: &StatusView, format: StatusFormat, colour: bool) -> String {
+    match format {
+        StatusFormat::Json => format!("{}\n", body.trim_end()),
+        StatusFormat::Table => status_table(view, false, colour),
+        StatusFormat::Wide => status_table(view, true, colour),
+    }
+}
+
+const TABLE_HEADERS: &[&str] = &[
+    "CLUSTER",
+    "STATE",
+    "PREFETCH",
+    "PHASE",
+    "NODES",
+    "READY",
+    "IN-FLIGHT",
+    "FAILED",
+    "TOTAL",
+];
+
+const WIDE_HEADERS: &[&str] = &[
+    "CLUSTER",
+    "STATE",
+    "VERSION",
+    "PREFETCH",
+    "PHASE",
+    "NODES",
+    "IMAGES",
+    "READY",
+    "IN-FLIGHT",
+    "FAILED",
+    "TOTAL",
+    "MESSAGE",
+];
+
+fn state_colour(health: &ClusterHealth) -> &'static str {
+    match health {
+        ClusterHealth::Connected { .. } => "32",
+        ClusterHealth::Connecting => "33",
+        _ => "1;31",
+    }
+}
+
+fn phase_colour(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Ready => "32",
+        Phase::Failed => "1;31",
+        Phase::Running => "36",
+        Phase::Pending => "33",
+    }
+}
+
+/// One table cell: its text, and the colour it gets on a terminal.
+struct Cell {
+    text: String,
+    colour: Option<&'static str>,
+}
+
+impl Cell {
+    fn plain(text: impl Into<String>) -> Cell {
+        Cell {
+            text: text.into(),
+            colour: None,
         }
     }
-    let widths: Vec<usize> = (0..9)
-        .map(|column| rows.iter().map(|row| row[column].len()).max().unwrap_or(0))
-        .collect();
+    fn painted(text: impl Into<String>, colour: &'static str) -> Cell {
+        Cell {
+            text: text.into(),
+            colour: Some(colour),
+        }
+    }
+}
+
+/// The table of `status` (`wide` adds the cluster version, the image count
+/// and the message), then one line per cluster that is not Connected, with
+/// its reason.
+pub fn status_table(view: &StatusView, wide: bool, colour: bool) -> String {
+    let headers = if wide { WIDE_HEADERS } else { TABLE_HEADERS };
+    let mut rows: Vec<Vec<Cell>> = vec![headers.iter().map(|h| Cell::plain(*h)).collect()];
+    for cluster in &view.clusters {
+        let state = || Cell::painted(cluster.health.label(), state_colour(&cluster.health));
+        let version = || {
+            Cell::plain(match &cluster.health {
+                ClusterHealth::Connected { version } => version.as_str(),
+                _ => "",
+            })
+        };
+        if cluster.prefetches.is_empty() {
+            let mut row = vec![Cell::plain(cluster.name.clone()), state()];
+            if wide {
+                row.push(version());
+            }
+            row.push(Cell::plain("-"));
+            rows.push(row);
+        }
+        for prefetch in &cluster.prefetches {
+            let mut row = vec![Cell::plain(cluster.name.clone()), state()];
+            if wide {
+                row.push(version());
+            }
+            row.push(Cell::plain(format!(
+                "{}/{}",
+                prefetch.namespace, prefetch.name
+            )));
+            row.push(Cell::painted(
+                prefetch.phase.to_string(),
+                phase_colour(prefetch.phase),
+            ));
+            row.push(Cell::plain(prefetch.nodes.to_string()));
+            if wide {
+                row.push(Cell::plain(prefetch.images.len().to_string()));
+            }
+            row.push(Cell::plain(prefetch.pulls.ready.to_string()));
+            row.push(Cell::plain(prefetch.pulls.in_flight.to_string()));
+            row.push(Cell::plain(prefetch.pulls.failed.to_string()));
+            row.push(Cell::plain(prefetch.pulls.total.to_string()));
+            if wide {
+                row.push(Cell::plain(prefetch.message.clone().unwrap_or_default()));
+            }
+            rows.push(row);
+        }
+    }
+    // Widths in characters, from the plain text: colour codes take no room.
+    let mut widths = vec![0; headers.len()];
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.text.chars().count());
+        }
+    }
     let mut out = String::new();
-    for row in rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, width)| format!("{cell:<width$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
+    for row in &rows {
+        let mut line = String::new();
+        for (index, (cell, width)) in row.iter().zip(&widths).enumerate() {
+            if index > 0 {
+                line.push_str("  ");
+            }
+            match cell.colour {
+                Some(code) if colour => line.push_str(&paint(&cell.text, code, true)),
+                _ => line.push_str(&cell.text),
+            }
+            line.push_str(&" ".repeat(width - cell.text.chars().count()));
+        }
+        out.push_str(line.trim_end());
         out.push('\n');
     }
     for cluster in &view.clusters {
@@ -605,6 +789,8 @@ pub fn status_table(view: &StatusView) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::actors::status::{ClusterView, PrefetchSummary};
+    use crate::api::PullCounts;
 
     #[test]
     fn check_report_is_coloured_only_when_asked() {
@@ -629,5 +815,149 @@ mod tests {
         );
         // A pipe or a file is never a terminal.
         assert!(!colour_wanted(false));
+    }
+
+    fn summary(name: &str, phase: Phase, counts: [u32; 4]) -> PrefetchSummary {
+        let [ready, in_flight, failed, total] = counts;
+        PrefetchSummary {
+            namespace: "default".into(),
+            name: name.into(),
+            phase,
+            images: vec!["docker.io/library/nginx:1.7.9".into()],
+            nodes: 3,
+            pulls: PullCounts {
+                ready,
+                in_flight,
+                failed,
+                total,
+            },
+            message: (phase == Phase::Failed).then(|| "1 pull failed".to_string()),
+            failures: Vec::new(),
+        }
+    }
+
+    fn sample_view() -> StatusView {
+        StatusView {
+            clusters: vec![
+                ClusterView {
+                    name: "sim-1".into(),
+                    health: ClusterHealth::Connected {
+                        version: "v1.36.3".into(),
+                    },
+                    prefetches: vec![
+                        summary("cache", Phase::Ready, [3, 0, 0, 3]),
+                        summary("broken", Phase::Failed, [2, 0, 1, 3]),
+                    ],
+                },
+                ClusterView {
+                    name: "sim-2".into(),
+                    health: ClusterHealth::Unreachable {
+                        reason: "connection refused".into(),
+                    },
+                    prefetches: Vec::new(),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn table_has_aligned_columns_and_cluster_reasons() {
+        assert_eq!(
+            status_table(&sample_view(), false, false),
+            "\
+CLUSTER  STATE        PREFETCH        PHASE   NODES  READY  IN-FLIGHT  FAILED  TOTAL
+sim-1    Connected    default/cache   READY   3      3      0          0       3
+sim-1    Connected    default/broken  FAILED  3      2      0          1       3
+sim-2    Unreachable  -
+sim-2: connection refused
+"
+        );
+    }
+
+    #[test]
+    fn wide_table_adds_version_images_and_message() {
+        assert_eq!(
+            status_table(&sample_view(), true, false),
+            "\
+CLUSTER  STATE        VERSION  PREFETCH        PHASE   NODES  IMAGES  READY  IN-FLIGHT  FAILED  TOTAL  MESSAGE
+sim-1    Connected    v1.36.3  default/cache   READY   3      1       3      0          0       3
+sim-1    Connected    v1.36.3  default/broken  FAILED  3      1       2      0          1       3      1 pull failed
+sim-2    Unreachable           -
+sim-2: connection refused
+"
+        );
+    }
+
+    #[test]
+    fn colours_do_not_shift_columns() {
+        let coloured = status_table(&sample_view(), false, true);
+        assert!(coloured.contains("\x1b[32mREADY\x1b[0m   3"), "{coloured}");
+        assert!(
+            coloured.contains("\x1b[1;31mFAILED\x1b[0m  3"),
+            "{coloured}"
+        );
+        assert!(
+            coloured.contains("\x1b[1;31mUnreachable\x1b[0m  -"),
+            "{coloured}"
+        );
+        let stripped = coloured
+            .replace("\x1b[32m", "")
+            .replace("\x1b[1;31m", "")
+            .replace("\x1b[0m", "");
+        assert_eq!(stripped, status_table(&sample_view(), false, false));
+    }
+
+    #[test]
+    fn json_output_is_the_served_document_on_one_line() {
+        let body = r#"{"clusters":[]}"#;
+        let view = StatusView {
+            clusters: Vec::new(),
+        };
+        assert_eq!(
+            render_status(body, &view, StatusFormat::Json, true),
+            "{\"clusters\":[]}\n"
+        );
+    }
+
+    #[test]
+    fn exit_code_says_what_is_wrong() {
+        let mut view = sample_view();
+        assert_eq!(status_exit_code(&view), 3, "sim-2 is unreachable");
+        view.clusters[1].health = ClusterHealth::Connected {
+            version: "v1.36.3".into(),
+        };
+        assert_eq!(status_exit_code(&view), 4, "default/broken is FAILED");
+        view.clusters[0].prefetches[1].phase = Phase::Running;
+        assert_eq!(status_exit_code(&view), 0);
+        view.clusters[0].health = ClusterHealth::Connecting;
+        assert_eq!(status_exit_code(&view), 3);
+    }
+
+    #[test]
+    fn status_help_documents_exit_codes_and_json_alias() {
+        use clap::CommandFactory;
+        let mut command = Cli::command();
+        let help = command
+            .find_subcommand_mut("status")
+            .map(|status| status.render_long_help().to_string())
+            .unwrap_or_default();
+        assert!(help.contains("Exit codes:"), "{help}");
+        assert!(
+            help.contains("4  every cluster is Connected, but some Prefetch is FAILED"),
+            "{help}"
+        );
+        let json = Cli::try_parse_from(["kube-prefetch", "status", "--json"]);
+        assert!(
+            matches!(
+                json,
+                Ok(Cli {
+                    command: Some(Command::Status { json: true, .. }),
+                    ..
+                })
+            ),
+            "{json:?}"
+        );
+        let both = Cli::try_parse_from(["kube-prefetch", "status", "--json", "-o", "wide"]);
+        assert!(both.is_err(), "--json with -o wide is a contradiction");
     }
 }

@@ -1,14 +1,16 @@
-//! HTTP endpoints: the aggregated status (JSON), metrics, health and a small
-//! dashboard. Everything is read from the StatusActor; nothing here talks to
-//! a cluster.
+//! HTTP endpoints: the aggregated status (JSON and a live event stream),
+//! metrics, health and the dashboard. Everything is read from the
+//! StatusActor; nothing here talks to a cluster.
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use actix::Addr;
 use actix_web::{App, HttpResponse, HttpServer, dev::Server, get, web};
 
-use crate::actors::status::{ClusterHealth, GetStatus, StatusActor, StatusView};
+use tracing::warn;
+
+use crate::actors::status::{GetStatus, StatusActor, StatusView};
 use crate::metrics::Metrics;
 
 #[derive(Clone)]
@@ -33,8 +35,14 @@ pub fn serve(
             .service(readyz)
             .service(metrics_text)
             .service(dashboard)
+            .service(dashboard_js)
+            .service(dashboard_css)
+            .service(events)
     })
     .workers(1)
+    // Event streams never end by themselves: stopping must not wait 30 s
+    // (the default) for an open dashboard.
+    .shutdown_timeout(1)
     .disable_signals()
     .bind(listen)
     .map_err(|error| {
@@ -88,77 +96,138 @@ async fn metrics_text(state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
+/// The dashboard: static files compiled into the binary (no build step, no
+/// Node toolchain); the page renders what `/api/v1/events` streams.
+const DASHBOARD_HTML: &str = include_str!("dashboard/index.html");
+const DASHBOARD_JS: &str = include_str!("dashboard/dashboard.js");
+const DASHBOARD_CSS: &str = include_str!("dashboard/dashboard.css");
+
+/// Only our own files: nothing inline, nothing from elsewhere.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; frame-ancestors 'none'";
+
+fn asset(content_type: &str, body: &'static str) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type(content_type)
+        .insert_header(("Content-Security-Policy", CONTENT_SECURITY_POLICY))
+        .insert_header(("X-Content-Type-Options", "nosniff"))
+        .body(body)
+}
+
 #[get("/")]
-async fn dashboard(state: web::Data<AppState>) -> HttpResponse {
-    match snapshot(&state).await {
-        Ok(view) => HttpResponse::Ok()
-            .content_type("text/html; charset=utf-8")
-            .body(render_dashboard(&view)),
-        Err(response) => response,
+async fn dashboard() -> HttpResponse {
+    asset("text/html; charset=utf-8", DASHBOARD_HTML)
+}
+
+#[get("/assets/dashboard.js")]
+async fn dashboard_js() -> HttpResponse {
+    asset("text/javascript; charset=utf-8", DASHBOARD_JS)
+}
+
+#[get("/assets/dashboard.css")]
+async fn dashboard_css() -> HttpResponse {
+    asset("text/css; charset=utf-8", DASHBOARD_CSS)
+}
+
+/// How often a stream compares the status with what it last sent. The
+/// status actor has no change notification, and a local message is cheap.
+const EVENTS_POLL: Duration = Duration::from_millis(500);
+/// A comment line this often keeps proxies from closing an idle stream.
+const EVENTS_KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// What the browser's EventSource waits before reconnecting, in ms.
+const EVENTS_RETRY_MS: u64 = 2000;
+
+/// One server-sent event: `event: NAME`, one `data:` line per line of
+/// `data`, and the blank line that ends it.
+pub fn sse_event(name: &str, data: &str) -> String {
+    let mut frame = format!("event: {name}\n");
+    for line in data.lines() {
+        frame.push_str("data: ");
+        frame.push_str(line);
+        frame.push('\n');
     }
+    frame.push('\n');
+    frame
 }
 
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
+struct EventStream {
+    status: Addr<StatusActor>,
+    last_sent: Option<String>,
+    last_write: Instant,
+    first: bool,
 }
 
-fn health_detail(health: &ClusterHealth) -> String {
-    match health {
-        ClusterHealth::Connecting => String::new(),
-        ClusterHealth::Connected { version } => version.clone(),
-        ClusterHealth::Unreachable { reason } | ClusterHealth::CrdMissing { reason } => {
-            reason.clone()
+/// `GET /api/v1/events`: a `status` event with the whole `/api/v1/status`
+/// document at once and each time it changes (server-sent events).
+#[get("/api/v1/events")]
+async fn events(state: web::Data<AppState>) -> HttpResponse {
+    let start = EventStream {
+        status: state.status.clone(),
+        last_sent: None,
+        last_write: Instant::now(),
+        first: true,
+    };
+    let stream = futures::stream::unfold(start, |mut stream| async move {
+        if stream.first {
+            stream.first = false;
+            let retry = format!("retry: {EVENTS_RETRY_MS}\n\n");
+            return Some((Ok::<_, actix_web::Error>(web::Bytes::from(retry)), stream));
         }
-        ClusterHealth::Forbidden { what } => what.clone(),
-    }
+        loop {
+            if stream.last_sent.is_some() {
+                tokio::time::sleep(EVENTS_POLL).await;
+            }
+            // The actor is gone only when the process stops: end the stream.
+            let view = stream.status.send(GetStatus).await.ok()?;
+            let json = match serde_json::to_string(&view) {
+                Ok(json) => json,
+                Err(error) => {
+                    warn!(%error, "cannot serialize the status for /api/v1/events");
+                    return None;
+                }
+            };
+            if stream.last_sent.as_ref() != Some(&json) {
+                let frame = sse_event("status", &json);
+                stream.last_sent = Some(json);
+                stream.last_write = Instant::now();
+                return Some((Ok(web::Bytes::from(frame)), stream));
+            }
+            if stream.last_write.elapsed() >= EVENTS_KEEP_ALIVE {
+                stream.last_write = Instant::now();
+                return Some((Ok(web::Bytes::from_static(b": keep-alive\n\n")), stream));
+            }
+        }
+    });
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        // Tells nginx-like proxies not to buffer the stream.
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(stream)
 }
 
-fn render_dashboard(view: &StatusView) -> String {
-    let mut html = String::from(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"5\">\
-         <title>kube-prefetch</title><style>body{font-family:sans-serif;margin:2em}\
-         table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}\
-         .READY{color:green}.FAILED{color:#b00}.RUNNING{color:#06c}</style></head><body>\
-         <h1>kube-prefetch</h1><table><tr><th>Cluster</th><th>State</th><th>Namespace</th>\
-         <th>Prefetch</th><th>Phase</th><th>Nodes</th><th>Ready</th><th>In flight</th>\
-         <th>Failed</th><th>Total</th><th>Message</th></tr>",
-    );
-    for cluster in &view.clusters {
-        let state = format!(
-            "{} {}",
-            cluster.health.label(),
-            escape(&health_detail(&cluster.health))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_event_frames_every_line_and_ends_with_a_blank_line() {
+        assert_eq!(
+            sse_event("status", r#"{"clusters":[]}"#),
+            "event: status\ndata: {\"clusters\":[]}\n\n"
         );
-        if cluster.prefetches.is_empty() {
-            let _ = write!(
-                html,
-                "<tr><td>{}</td><td>{}</td><td colspan=\"9\"></td></tr>",
-                escape(&cluster.name),
-                state
-            );
-        }
-        for prefetch in &cluster.prefetches {
-            let _ = write!(
-                html,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"{phase}\">{phase}</td>\
-                 <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                escape(&cluster.name),
-                state,
-                escape(&prefetch.namespace),
-                escape(&prefetch.name),
-                prefetch.nodes,
-                prefetch.pulls.ready,
-                prefetch.pulls.in_flight,
-                prefetch.pulls.failed,
-                prefetch.pulls.total,
-                escape(prefetch.message.as_deref().unwrap_or("")),
-                phase = prefetch.phase,
-            );
-        }
+        assert_eq!(
+            sse_event("status", "a\nb"),
+            "event: status\ndata: a\ndata: b\n\n"
+        );
     }
-    html.push_str("</table></body></html>\n");
-    html
+
+    #[test]
+    fn dashboard_uses_only_embedded_assets_and_no_reload() {
+        assert!(DASHBOARD_HTML.contains(r#"src="/assets/dashboard.js""#));
+        assert!(DASHBOARD_HTML.contains(r#"href="/assets/dashboard.css""#));
+        assert!(!DASHBOARD_HTML.contains("http-equiv=\"refresh\""));
+        assert!(DASHBOARD_JS.contains(r#"new EventSource("/api/v1/events")"#));
+        // Inline scripts would be refused by the page's own CSP.
+        assert!(!DASHBOARD_HTML.contains("<script>"));
+    }
 }

@@ -1,7 +1,9 @@
 //! Pure logic: no I/O, no clients. Everything here takes plain data and is
 //! unit-tested without a cluster.
 
+pub mod dispatch;
 pub mod image;
+pub mod index;
 pub mod outcome;
 pub mod plan;
 pub mod podspec;

@@ -86,21 +86,19 @@ pub enum PairStatus {
     Idle,
     InFlight {
         pod: String,
+        /// `metadata.uid` of the pod, once known (from the create response
+        /// or its first event): events of an earlier pod with the same name
+        /// are not this attempt's.
+        uid: Option<String>,
         since: Instant,
     },
     /// Failed transiently; due again at `until`.
-    BackingOff {
-        until: Instant,
-    },
+    BackingOff { until: Instant },
     /// On the node since `at` (a pull succeeded or the node reported it).
-    Satisfied {
-        at: Instant,
-    },
+    Satisfied { at: Instant },
     /// Permanently failed or out of attempts; retried from scratch after
     /// `retry_after`, in case the registry or credentials were fixed.
-    Failed {
-        at: Instant,
-    },
+    Failed { at: Instant },
 }
 
 #[derive(Debug, Clone)]
@@ -158,9 +156,9 @@ impl Pair {
 pub struct Tracker {
     policy: BackoffPolicy,
     pairs: BTreeMap<PairKey, Pair>,
-    /// In-flight pods (name, dispatch time) whose pair is no longer
+    /// In-flight pods (name, uid, dispatch time) whose pair is no longer
     /// desired, waiting to be deleted.
-    orphans: BTreeMap<PairKey, (String, Instant)>,
+    orphans: BTreeMap<PairKey, (String, Option<String>, Instant)>,
     desired_ever_set: bool,
     failure_sequence: u64,
 }
@@ -186,25 +184,59 @@ impl Tracker {
     /// comes back before its orphan was collected takes its pod back.
     pub fn set_desired(&mut self, desired: &DesiredSet) {
         self.desired_ever_set = true;
-        let previous = std::mem::take(&mut self.pairs);
-        for (key, pair) in previous {
-            if desired.pairs.contains_key(&key) {
-                self.pairs.insert(key, pair);
-            } else if let PairStatus::InFlight { pod, since } = pair.status {
-                self.orphans.insert(key, (pod, since));
-            }
+        let dropped: Vec<PairKey> = self
+            .pairs
+            .keys()
+            .filter(|key| !desired.pairs.contains_key(*key))
+            .cloned()
+            .collect();
+        for key in dropped {
+            self.drop_pair(&key);
         }
         for key in desired.pairs.keys() {
-            if self.pairs.contains_key(key) {
-                continue;
-            }
-            let mut pair = Pair::idle();
-            if let Some((pod, since)) = self.orphans.remove(key) {
-                // The pod still pulls what we want again: keep it.
-                pair.status = PairStatus::InFlight { pod, since };
-            }
-            self.pairs.insert(key.clone(), pair);
+            self.add_pair(key);
         }
+    }
+
+    /// Like [`Tracker::set_desired`] for the pairs of one node only: what a
+    /// node event costs is that node's pairs, not the whole set.
+    pub fn set_node_desired(&mut self, node: &str, desired: &DesiredSet) {
+        self.desired_ever_set = true;
+        let dropped: Vec<PairKey> = self
+            .pairs
+            .range(PairKey::new(node, "")..)
+            .map(|(key, _)| key)
+            .take_while(|key| key.node == node)
+            .filter(|key| !desired.pairs.contains_key(*key))
+            .cloned()
+            .collect();
+        for key in dropped {
+            self.drop_pair(&key);
+        }
+        for key in desired.node_keys(node) {
+            self.add_pair(key);
+        }
+    }
+
+    fn drop_pair(&mut self, key: &PairKey) {
+        if let Some(pair) = self.pairs.remove(key)
+            && let PairStatus::InFlight { pod, uid, since } = pair.status
+        {
+            self.orphans.insert(key.clone(), (pod, uid, since));
+        }
+    }
+
+    /// A new pair starts Idle; a kept pair keeps its state.
+    fn add_pair(&mut self, key: &PairKey) {
+        if self.pairs.contains_key(key) {
+            return;
+        }
+        let mut pair = Pair::idle();
+        if let Some((pod, uid, since)) = self.orphans.remove(key) {
+            // The pod still pulls what we want again: keep it.
+            pair.status = PairStatus::InFlight { pod, uid, since };
+        }
+        self.pairs.insert(key.clone(), pair);
     }
 
     /// Whether `key` is desired.
@@ -242,19 +274,66 @@ impl Tracker {
                 }
                 pair.status = PairStatus::InFlight {
                     pod: pod_name.to_string(),
+                    uid: None,
                     since: now,
                 };
             }
             None => {
                 self.orphans
-                    .insert(key.clone(), (pod_name.to_string(), now));
+                    .insert(key.clone(), (pod_name.to_string(), None, now));
             }
         }
     }
 
-    /// A pull pod found after a restart: treated exactly like a dispatch.
-    pub fn on_adopted(&mut self, key: &PairKey, pod_name: &str, now: Instant) {
+    /// A pull pod found after a restart (or on a create conflict): treated
+    /// like a dispatch whose pod is known.
+    pub fn on_adopted(&mut self, key: &PairKey, pod_name: &str, uid: &str, now: Instant) {
         self.on_dispatched(key, pod_name, now);
+        self.bind_uid(key, pod_name, uid);
+    }
+
+    /// Learns the uid of the in-flight pod `pod_name` of `key`, if not
+    /// known yet; a different pod of that name is not bound.
+    pub fn bind_uid(&mut self, key: &PairKey, pod_name: &str, pod_uid: &str) {
+        if let Some(pair) = self.pairs.get_mut(key)
+            && let PairStatus::InFlight { pod, uid, .. } = &mut pair.status
+            && pod == pod_name
+            && uid.is_none()
+        {
+            *uid = Some(pod_uid.to_string());
+        }
+    }
+
+    /// Whether the pod `pod_name` with `pod_uid` is the current attempt of
+    /// `key`. Until its uid is known, any pod of that name is (the caller
+    /// skips pods it already judged); then only that one.
+    pub fn is_current_pod(&self, key: &PairKey, pod_name: &str, pod_uid: &str) -> bool {
+        matches!(
+            self.pairs.get(key).map(|pair| &pair.status),
+            Some(PairStatus::InFlight { pod, uid, .. })
+                if pod == pod_name && uid.as_deref().is_none_or(|uid| uid == pod_uid)
+        )
+    }
+
+    /// The uid of the in-flight pod of `key`, once known.
+    pub fn in_flight_uid(&self, key: &PairKey) -> Option<&str> {
+        match self.pairs.get(key).map(|pair| &pair.status) {
+            Some(PairStatus::InFlight { uid, .. }) => uid.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Creating the pod failed because one of that name still exists (an
+    /// earlier attempt being deleted): try again after `delay`, without
+    /// counting an attempt.
+    pub fn on_create_conflict(&mut self, key: &PairKey, now: Instant, delay: Duration) {
+        if let Some(pair) = self.pairs.get_mut(key)
+            && matches!(pair.status, PairStatus::InFlight { .. })
+        {
+            pair.status = PairStatus::BackingOff {
+                until: now.checked_add(delay).unwrap_or(now),
+            };
+        }
     }
 
     /// The pull pod of `key` was judged. Succeeded always counts. A failure
@@ -383,7 +462,7 @@ impl Tracker {
     pub fn orphaned_in_flight(&mut self) -> Vec<(PairKey, String)> {
         std::mem::take(&mut self.orphans)
             .into_iter()
-            .map(|(key, (pod, _))| (key, pod))
+            .map(|(key, (pod, _, _))| (key, pod))
             .collect()
     }
 
@@ -898,13 +977,15 @@ mod tests {
         let now = Instant::now();
         let mut tracker = Tracker::new(policy());
         tracker.set_desired(&desired(&[("n1", "a")]));
-        tracker.on_adopted(&key("n1", "a"), "pod-a", now);
+        tracker.on_adopted(&key("n1", "a"), "pod-a", "uid-1", now);
         assert_eq!(
             tracker.in_flight(),
             vec![(key("n1", "a"), "pod-a".to_string())]
         );
+        assert!(tracker.is_current_pod(&key("n1", "a"), "pod-a", "uid-1"));
+        assert!(!tracker.is_current_pod(&key("n1", "a"), "pod-a", "uid-0"));
         // An adopted pod of a pair we no longer want is an orphan.
-        tracker.on_adopted(&key("n1", "old"), "pod-old", now);
+        tracker.on_adopted(&key("n1", "old"), "pod-old", "uid-2", now);
         assert_eq!(
             tracker.orphaned_in_flight(),
             vec![(key("n1", "old"), "pod-old".to_string())]
@@ -1097,5 +1178,73 @@ mod tests {
             select_dispatch(&tracker.due(now, RETRY), 10, &mut budget),
             vec![key("n1", "b")]
         );
+    }
+
+    /// A node event updates that node's pairs only; other nodes' pairs and
+    /// kept pairs keep their state, a dropped in-flight pair's pod becomes an
+    /// orphan to delete.
+    #[test]
+    fn node_update_touches_only_that_node() {
+        let t0 = Instant::now();
+        let mut tracker = Tracker::new(policy());
+        tracker.set_desired(&desired(&[("n1", "a"), ("n1", "b"), ("n2", "a")]));
+        tracker.on_dispatched(&key("n1", "a"), "pod-n1-a", t0);
+        tracker.on_outcome(&key("n1", "a"), Outcome::Succeeded, t0);
+        tracker.on_dispatched(&key("n1", "b"), "pod-n1-b", t0);
+        tracker.on_dispatched(&key("n2", "a"), "pod-n2-a", t0);
+
+        // n1 now wants a and c (b dropped while in flight).
+        let next = desired(&[("n1", "a"), ("n1", "c"), ("n2", "a")]);
+        tracker.set_node_desired("n1", &next);
+        assert!(matches!(
+            tracker.status(&key("n1", "a")),
+            Some(PairStatus::Satisfied { .. })
+        ));
+        assert_eq!(tracker.status(&key("n1", "c")), Some(&PairStatus::Idle));
+        assert_eq!(tracker.status(&key("n1", "b")), None);
+        assert!(matches!(
+            tracker.status(&key("n2", "a")),
+            Some(PairStatus::InFlight { .. })
+        ));
+        assert_eq!(
+            tracker.orphaned_in_flight(),
+            vec![(key("n1", "b"), "pod-n1-b".to_string())]
+        );
+
+        // n2 deleted.
+        let without_n2 = desired(&[("n1", "a"), ("n1", "c")]);
+        tracker.set_node_desired("n2", &without_n2);
+        assert_eq!(tracker.status(&key("n2", "a")), None);
+        assert_eq!(tracker.counts().total, 2);
+        assert_eq!(
+            tracker.orphaned_in_flight(),
+            vec![(key("n2", "a"), "pod-n2-a".to_string())]
+        );
+    }
+
+    /// Events of an earlier pod with the same name do not belong to a new
+    /// attempt once the new pod's uid is known.
+    #[test]
+    fn pods_are_told_apart_by_uid() {
+        let now = Instant::now();
+        let mut tracker = Tracker::new(policy());
+        let k = key("n1", "a");
+        tracker.set_desired(&desired(&[("n1", "a")]));
+        tracker.on_dispatched(&k, "pod-a", now);
+        // Before the uid is known, the name decides.
+        assert!(tracker.is_current_pod(&k, "pod-a", "new"));
+        assert!(!tracker.is_current_pod(&k, "pod-b", "new"));
+        tracker.bind_uid(&k, "pod-a", "new");
+        // Bound once: another uid does not replace it.
+        tracker.bind_uid(&k, "pod-a", "old");
+        assert!(tracker.is_current_pod(&k, "pod-a", "new"));
+        assert!(!tracker.is_current_pod(&k, "pod-a", "old"));
+
+        // A create conflict waits without counting an attempt.
+        tracker.on_create_conflict(&k, now, secs(1));
+        assert_eq!(tracker.attempts(&k), 0);
+        assert!(tracker.due(now, RETRY).is_empty());
+        assert_eq!(tracker.due(now + secs(1), RETRY), vec![k.clone()]);
+        assert!(!tracker.is_current_pod(&k, "pod-a", "new"));
     }
 }

@@ -5,7 +5,7 @@
 //! PrefetchActor only the changes that concern it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -24,21 +24,22 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::actors::delete_pull_pod_until_gone;
 use crate::actors::prefetch::{
-    Kick, NodeChanged, PodChanged, PodDeleted, PrefetchActor, Shutdown, SpecChanged, Workloads,
-    WorkloadsChanged,
+    NodeChanged, PodChanged, PodDeleted, PrefetchActor, Shutdown, SlotsGranted, SpecChanged,
+    Workloads, WorkloadsChanged,
 };
 use crate::actors::status::{ClusterHealth, ClusterHealthChanged, StatusActor};
 use crate::api::{Prefetch, PrefetchSpec, WorkloadKind};
 use crate::config::{ClusterTarget, Config};
 use crate::error::{Error, api_status_code, describe_kube_error, describe_watch_error};
 use crate::metrics::Metrics;
+use crate::pull::dispatch::DispatchQueue;
 use crate::pull::index::{
     NodeIndex, WorkloadChange, WorkloadEntry, WorkloadIndex, WorkloadKey, WorkloadSelector,
     targeting_of,
 };
+use crate::pull::plan::PairKey;
 use crate::pull::podspec::{PREFETCH_UID_LABEL, managed_selector};
 use crate::pull::targeting::{NodeTargeting, NodeView};
-use crate::pull::tracker::Budget;
 use crate::pull::workload::{PodTemplated, WorkloadImages};
 
 /// What every PrefetchActor of one cluster shares.
@@ -48,20 +49,9 @@ pub struct ClusterContext {
     pub config: Arc<Config>,
     pub status: Addr<StatusActor>,
     pub metrics: Metrics,
-    /// Per-node and per-cluster pull pod slots, shared by all Prefetches.
-    pub budget: Arc<Mutex<Budget>>,
     pub recorder: Recorder,
+    /// Owns the dispatch queue (the pull pod slots) and the shared watches.
     pub cluster_actor: Addr<ClusterActor>,
-}
-
-impl ClusterContext {
-    pub fn budget(&self) -> std::sync::MutexGuard<'_, Budget> {
-        // A poisoned lock only means another actor panicked mid-update; the
-        // counters are still the best information there is.
-        self.budget
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
 }
 
 /// What a PrefetchActor was last given; its events are routed by these.
@@ -117,6 +107,8 @@ pub struct ClusterActor {
     pods: BTreeMap<(String, String), Pod>,
     pods_buffer: Option<BTreeMap<(String, String), Pod>>,
     pods_synced: bool,
+    /// The pull pod slots, handed out round robin across Prefetches.
+    queue: DispatchQueue,
     background: Vec<tokio::task::JoinHandle<()>>,
     last_health: Option<ClusterHealth>,
     version: String,
@@ -148,6 +140,7 @@ impl ClusterActor {
             pods: BTreeMap::new(),
             pods_buffer: None,
             pods_synced: false,
+            queue: DispatchQueue::new(0, 0),
             background: Vec::new(),
             last_health: None,
             version: String::new(),
@@ -210,14 +203,14 @@ impl ClusterActor {
             config: self.config.clone(),
             status: self.status.clone(),
             metrics: self.metrics.clone(),
-            budget: Arc::new(Mutex::new(Budget::new(
-                defaults.max_parallel_per_node,
-                defaults.max_parallel_per_cluster,
-            ))),
             recorder: Recorder::new(client.clone(), reporter),
             cluster_actor: ctx.address(),
         });
         self.shared = Some(shared);
+        self.queue = DispatchQueue::new(
+            defaults.max_parallel_per_node,
+            defaults.max_parallel_per_cluster,
+        );
         self.version = version.clone();
         self.report(ClusterHealth::Connected { version });
 
@@ -477,6 +470,10 @@ impl ClusterActor {
 
     fn stop_prefetch(&mut self, uid: &str, ctx: &mut Context<Self>) {
         if let Some(entry) = self.prefetches.remove(uid) {
+            // Its slots go to the others at once; its pods are deleted by
+            // its actor (or, if that fails, by the orphan sweep).
+            self.queue.remove_owner(uid);
+            self.grant_slots();
             if let Some(addr) = &entry.addr {
                 info!(prefetch = %entry.label(), "Prefetch deleted; stopping its work");
                 addr.do_send(Shutdown);
@@ -826,11 +823,32 @@ pub struct WatchFailed {
     pub forbidden: bool,
 }
 
-/// A PrefetchActor gave pull slots back: others may now use them.
+/// A Prefetch's standing request for pull slots (replaces its previous one).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct SlotsFreed {
-    pub from_uid: String,
+pub struct RequestSlots {
+    pub uid: String,
+    /// Pairs it could start now, best first.
+    pub candidates: Vec<PairKey>,
+    /// Its own cap on pods in flight.
+    pub cap: usize,
+}
+
+/// A Prefetch is done with a slot (its pod was judged, vanished or never
+/// created).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ReleaseSlot {
+    pub uid: String,
+    pub node: String,
+}
+
+/// A Prefetch took over a pod found after a restart: it holds a slot.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AdoptSlot {
+    pub uid: String,
+    pub node: String,
 }
 
 impl Handler<PrefetchEvent> for ClusterActor {
@@ -1033,15 +1051,47 @@ impl Handler<WatchFailed> for ClusterActor {
     }
 }
 
-impl Handler<SlotsFreed> for ClusterActor {
-    type Result = ();
-    fn handle(&mut self, msg: SlotsFreed, _: &mut Self::Context) {
-        for (uid, entry) in &self.prefetches {
-            if *uid != msg.from_uid
-                && let Some(addr) = &entry.addr
+impl ClusterActor {
+    /// Hands free slots to the Prefetches waiting for them.
+    fn grant_slots(&mut self) {
+        for (uid, keys) in self.queue.grant() {
+            match self
+                .prefetches
+                .get(&uid)
+                .and_then(|entry| entry.addr.as_ref())
             {
-                addr.do_send(Kick);
+                Some(addr) => addr.do_send(SlotsGranted(keys)),
+                None => self.queue.remove_owner(&uid),
             }
+        }
+    }
+}
+
+impl Handler<RequestSlots> for ClusterActor {
+    type Result = ();
+    fn handle(&mut self, msg: RequestSlots, _: &mut Self::Context) {
+        // A request of a Prefetch stopped meanwhile must not bring it back.
+        if !self.prefetches.contains_key(&msg.uid) {
+            return;
+        }
+        self.queue.request(&msg.uid, msg.candidates, msg.cap);
+        self.grant_slots();
+    }
+}
+
+impl Handler<ReleaseSlot> for ClusterActor {
+    type Result = ();
+    fn handle(&mut self, msg: ReleaseSlot, _: &mut Self::Context) {
+        self.queue.release(&msg.uid, &msg.node);
+        self.grant_slots();
+    }
+}
+
+impl Handler<AdoptSlot> for ClusterActor {
+    type Result = ();
+    fn handle(&mut self, msg: AdoptSlot, _: &mut Self::Context) {
+        if self.prefetches.contains_key(&msg.uid) {
+            self.queue.force_acquire(&msg.uid, &msg.node);
         }
     }
 }

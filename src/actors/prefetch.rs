@@ -18,7 +18,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::actors::cluster::{ClusterContext, SlotsFreed};
+use crate::actors::cluster::{AdoptSlot, ClusterContext, ReleaseSlot, RequestSlots};
 use crate::actors::status::{PrefetchGone, PrefetchReported, PrefetchSummary};
 use crate::actors::{delete_pull_pod, delete_pull_pod_until_gone};
 use crate::api::{Condition, Phase, Prefetch, PrefetchStatus};
@@ -28,7 +28,7 @@ use crate::pull::outcome::classify;
 use crate::pull::plan::{DesiredSet, ExtraImages, PairKey, Planner};
 use crate::pull::podspec::{PullPodParams, build_pull_pod, pair_of_pod};
 use crate::pull::targeting::NodeView;
-use crate::pull::tracker::{BackoffPolicy, Outcome, Tracker, select_dispatch};
+use crate::pull::tracker::{BackoffPolicy, Outcome, Tracker};
 
 /// The workloads a Prefetch selects, and why some kinds could not be listed.
 #[derive(Debug, Clone, Default)]
@@ -71,6 +71,8 @@ pub struct PrefetchActor {
     /// then this is what stops a pod from holding its slot for ever.
     deadlines: BTreeMap<PairKey, Instant>,
     replan_queued: bool,
+    /// Whether the dispatch queue holds a non-empty request of ours.
+    requested: bool,
     wakeup: Option<SpawnHandle>,
     status_queued: bool,
     /// One status write at a time: two in flight could land out of order
@@ -126,6 +128,7 @@ impl PrefetchActor {
             known_pod_namespaces: BTreeMap::new(),
             deadlines: BTreeMap::new(),
             replan_queued: false,
+            requested: false,
             wakeup: None,
             status_queued: false,
             status_writing: false,
@@ -277,24 +280,49 @@ impl PrefetchActor {
             .unwrap_or_else(|| self.namespace())
     }
 
+    /// Tells the cluster's dispatch queue which pairs this Prefetch could
+    /// start now; the queue answers with [`SlotsGranted`] when slots are
+    /// free, fairly across Prefetches.
     fn dispatch(&mut self, ctx: &mut Context<Self>) {
-        if self.shutting_down || self.prefetch.spec.is_suspended() {
-            self.schedule_wakeup(ctx);
-            return;
-        }
-        let now = Instant::now();
-        let due = self.tracker.due(now, self.retry_after());
-        if due.is_empty() {
-            self.schedule_wakeup(ctx);
-            return;
-        }
-        let free = self
-            .max_in_flight()
-            .saturating_sub(self.tracker.in_flight_count());
-        let chosen = {
-            let mut budget = self.shared.budget();
-            select_dispatch(&due, free, &mut budget)
+        let candidates = if self.shutting_down || self.prefetch.spec.is_suspended() {
+            Vec::new()
+        } else {
+            let mut due = self.tracker.due(Instant::now(), self.retry_after());
+            // The queue needs a choice of nodes, not every due pair: due()
+            // spreads them over nodes, so the first ones span many.
+            due.truncate(MAX_CANDIDATES.max(self.max_in_flight().saturating_mul(4)));
+            due
         };
+        // Nothing asked and nothing to ask: spare the message.
+        if !candidates.is_empty() || self.requested {
+            self.requested = !candidates.is_empty();
+            self.shared.cluster_actor.do_send(RequestSlots {
+                uid: self.uid.clone(),
+                candidates,
+                cap: self.max_in_flight(),
+            });
+        }
+        self.schedule_wakeup(ctx);
+    }
+
+    /// Starts the pulls the dispatch queue granted slots for; a slot whose
+    /// pair is no longer due (the node reported the image meanwhile, say)
+    /// goes straight back.
+    fn start_pulls(&mut self, chosen: Vec<PairKey>, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let retry_after = self.retry_after();
+        let chosen: Vec<PairKey> = chosen
+            .into_iter()
+            .filter(|key| {
+                let startable = !self.shutting_down
+                    && !self.prefetch.spec.is_suspended()
+                    && self.tracker.is_due(key, now, retry_after);
+                if !startable {
+                    self.release_slot(&key.node);
+                }
+                startable
+            })
+            .collect();
         let helper_image = self.shared.config.policy.helper_image.clone();
         let priority_class = self.shared.config.policy.priority_class.clone();
         let timeout = self.pull_timeout_seconds();
@@ -430,9 +458,9 @@ impl PrefetchActor {
     }
 
     fn release_slot(&self, node: &str) {
-        self.shared.budget().release(node);
-        self.shared.cluster_actor.do_send(SlotsFreed {
-            from_uid: self.uid.clone(),
+        self.shared.cluster_actor.do_send(ReleaseSlot {
+            uid: self.uid.clone(),
+            node: node.to_string(),
         });
     }
 
@@ -546,7 +574,10 @@ impl PrefetchActor {
                 return;
             }
             // Found after a restart: take it over instead of creating another.
-            self.shared.budget().force_acquire(&key.node);
+            self.shared.cluster_actor.do_send(AdoptSlot {
+                uid: self.uid.clone(),
+                node: key.node.clone(),
+            });
             self.tracker
                 .on_adopted(&key, &pod_name, &pod_uid, Instant::now());
             self.deadlines
@@ -820,6 +851,10 @@ impl PrefetchActor {
     }
 }
 
+/// Pairs offered to the dispatch queue at once (at least; more when the
+/// Prefetch may run more pulls in parallel).
+const MAX_CANDIDATES: usize = 64;
+
 /// Owner of the status fields for server-side apply.
 const FIELD_MANAGER: &str = "kube-prefetch";
 
@@ -881,10 +916,10 @@ pub struct PodChanged(pub Pod);
 #[rtype(result = "()")]
 pub struct PodDeleted(pub Pod);
 
-/// Pull slots may have been freed elsewhere in the cluster.
+/// The dispatch queue gave this Prefetch slots for these pairs.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Kick;
+pub struct SlotsGranted(pub Vec<PairKey>);
 
 /// The Prefetch was deleted: stop and remove in-flight pods.
 #[derive(Message)]
@@ -966,10 +1001,11 @@ impl Handler<PodDeleted> for PrefetchActor {
     }
 }
 
-impl Handler<Kick> for PrefetchActor {
+impl Handler<SlotsGranted> for PrefetchActor {
     type Result = ();
-    fn handle(&mut self, _: Kick, ctx: &mut Self::Context) {
-        self.dispatch(ctx);
+    fn handle(&mut self, SlotsGranted(keys): SlotsGranted, ctx: &mut Self::Context) {
+        let _span = self.span.clone().entered();
+        self.start_pulls(keys, ctx);
     }
 }
 

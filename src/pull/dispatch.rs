@@ -52,6 +52,9 @@ impl DispatchQueue {
     /// it prefers, at most `cap` pods of its own in flight. An empty list
     /// withdraws the request but keeps the slots it holds.
     pub fn request(&mut self, owner: &str, candidates: Vec<PairKey>, cap: usize) {
+        if candidates.is_empty() && !self.owners.contains_key(owner) {
+            return;
+        }
         let entry = self.owners.entry(owner.to_string()).or_default();
         entry.candidates = candidates.into();
         entry.cap = cap;

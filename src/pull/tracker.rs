@@ -1,5 +1,5 @@
-//! The per-Prefetch state machine of (node, image) pairs, and the shared
-//! per-cluster concurrency budget.
+//! The per-Prefetch state machine of (node, image) pairs. The slots pulls
+//! run in belong to the cluster's dispatch queue (`crate::pull::dispatch`).
 //!
 //! ```text
 //!            dispatched/adopted               Succeeded / node reports image
@@ -315,6 +315,13 @@ impl Tracker {
         )
     }
 
+    /// Whether `key` needs a pull now (see [`Tracker::due`]).
+    pub fn is_due(&self, key: &PairKey, now: Instant, retry_after: Duration) -> bool {
+        self.pairs
+            .get(key)
+            .is_some_and(|pair| pair.is_due(now, retry_after))
+    }
+
     /// The uid of the in-flight pod of `key`, once known.
     pub fn in_flight_uid(&self, key: &PairKey) -> Option<&str> {
         match self.pairs.get(key).map(|pair| &pair.status) {
@@ -534,92 +541,10 @@ fn saturating_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
-/// Concurrency limits shared by all Prefetches of one cluster: pull pods in
-/// flight per node (the kubelet pulls serially by default, so more mostly
-/// queue up) and in the whole cluster.
-#[derive(Debug, Clone)]
-pub struct Budget {
-    per_node: usize,
-    per_cluster: usize,
-    by_node: BTreeMap<String, usize>,
-    total: usize,
-}
-
-impl Budget {
-    /// A limit of 0 admits nothing.
-    pub fn new(per_node: usize, per_cluster: usize) -> Self {
-        Budget {
-            per_node,
-            per_cluster,
-            by_node: BTreeMap::new(),
-            total: 0,
-        }
-    }
-
-    /// Takes one slot on `node` if both limits allow it.
-    pub fn try_acquire(&mut self, node: &str) -> bool {
-        if self.is_full() || self.node_in_flight(node) >= self.per_node {
-            return false;
-        }
-        self.force_acquire(node);
-        true
-    }
-
-    /// Takes a slot regardless of the limits: for pods adopted after a
-    /// restart, which exist whether or not they fit.
-    pub fn force_acquire(&mut self, node: &str) {
-        *self.by_node.entry(node.to_string()).or_insert(0) += 1;
-        self.total += 1;
-    }
-
-    /// Gives back one slot on `node`; releasing more than acquired is a no-op.
-    pub fn release(&mut self, node: &str) {
-        if let Some(count) = self.by_node.get_mut(node) {
-            *count -= 1;
-            self.total -= 1;
-            if *count == 0 {
-                self.by_node.remove(node);
-            }
-        }
-    }
-
-    pub fn in_flight(&self) -> usize {
-        self.total
-    }
-
-    pub fn node_in_flight(&self, node: &str) -> usize {
-        self.by_node.get(node).copied().unwrap_or(0)
-    }
-
-    /// No slot left anywhere in the cluster.
-    pub fn is_full(&self) -> bool {
-        self.total >= self.per_cluster
-    }
-}
-
-/// Picks, in order, the due pairs to dispatch now: at most
-/// `per_prefetch_free`, skipping pairs whose node is full, stopping when the
-/// cluster is full. Slots of the returned pairs are acquired in `budget`.
-pub fn select_dispatch(
-    due: &[PairKey],
-    per_prefetch_free: usize,
-    budget: &mut Budget,
-) -> Vec<PairKey> {
-    let mut selected = Vec::new();
-    for key in due {
-        if selected.len() >= per_prefetch_free || budget.is_full() {
-            break;
-        }
-        if budget.try_acquire(&key.node) {
-            selected.push(key.clone());
-        }
-    }
-    selected
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pull::dispatch::DispatchQueue;
     use crate::pull::plan::PullTarget;
 
     const RETRY: Duration = Duration::from_secs(300);
@@ -1092,92 +1017,23 @@ mod tests {
     }
 
     #[test]
-    fn budget_per_node_and_per_cluster() {
-        let mut budget = Budget::new(1, 3);
-        assert!(budget.try_acquire("n1"));
-        assert!(!budget.try_acquire("n1"), "per-node cap");
-        assert!(budget.try_acquire("n2"));
-        assert!(budget.try_acquire("n3"));
-        assert!(budget.is_full());
-        assert!(!budget.try_acquire("n4"), "per-cluster cap");
-        assert_eq!(budget.in_flight(), 3);
-        assert_eq!(budget.node_in_flight("n1"), 1);
-
-        budget.release("n1");
-        assert_eq!(budget.in_flight(), 2);
-        assert!(budget.try_acquire("n4"));
-        assert!(!budget.try_acquire("n1"));
-
-        budget.release("n9");
-        budget.release("n1");
-        budget.release("n1");
-        assert_eq!(budget.in_flight(), 3, "over-release is a no-op");
-
-        let mut two_per_node = Budget::new(2, 10);
-        assert!(two_per_node.try_acquire("n1"));
-        assert!(two_per_node.try_acquire("n1"));
-        assert!(!two_per_node.try_acquire("n1"));
-
-        let mut closed = Budget::new(1, 0);
-        assert!(!closed.try_acquire("n1"));
-
-        let mut adopted = Budget::new(1, 1);
-        adopted.force_acquire("n1");
-        adopted.force_acquire("n1");
-        assert_eq!(adopted.in_flight(), 2);
-        assert!(!adopted.try_acquire("n2"));
-    }
-
-    #[test]
-    fn select_dispatch_respects_all_caps() {
-        let due = vec![
-            key("n1", "a"),
-            key("n2", "a"),
-            key("n1", "b"),
-            key("n2", "b"),
-            key("n3", "a"),
-        ];
-        // Per node 1: the second pair of n1 and n2 is skipped, n3 still fits.
-        let mut budget = Budget::new(1, 10);
-        let picked = select_dispatch(&due, 10, &mut budget);
-        assert_eq!(picked, vec![key("n1", "a"), key("n2", "a"), key("n3", "a")]);
-        assert_eq!(budget.in_flight(), 3);
-
-        // Per-prefetch cap.
-        let mut budget = Budget::new(5, 10);
-        assert_eq!(select_dispatch(&due, 2, &mut budget).len(), 2);
-        assert_eq!(budget.in_flight(), 2);
-        assert!(select_dispatch(&due, 0, &mut budget).is_empty());
-
-        // Per-cluster cap, shared with another Prefetch's pods.
-        let mut budget = Budget::new(5, 3);
-        assert!(budget.try_acquire("n9"));
-        assert_eq!(
-            select_dispatch(&due, 10, &mut budget),
-            vec![key("n1", "a"), key("n2", "a")]
-        );
-        assert!(budget.is_full());
-    }
-
-    #[test]
-    fn tracker_flow_with_budget() {
+    fn tracker_flow_with_dispatch_queue() {
         let now = Instant::now();
         let mut tracker = Tracker::new(policy());
         tracker.set_desired(&desired(&[("n1", "a"), ("n1", "b"), ("n2", "a")]));
-        let mut budget = Budget::new(1, 10);
-        let picked = select_dispatch(&tracker.due(now, RETRY), 10, &mut budget);
+        let mut queue = DispatchQueue::new(1, 10);
+        queue.request("pf", tracker.due(now, RETRY), 10);
+        let picked = queue.grant().remove("pf").unwrap_or_default();
         assert_eq!(picked, vec![key("n1", "a"), key("n2", "a")]);
         for k in &picked {
             tracker.on_dispatched(k, "p", now);
         }
         assert_eq!(tracker.due(now, RETRY), vec![key("n1", "b")]);
-        assert!(select_dispatch(&tracker.due(now, RETRY), 10, &mut budget).is_empty());
+        queue.request("pf", tracker.due(now, RETRY), 10);
+        assert!(queue.grant().is_empty());
         tracker.on_outcome(&key("n1", "a"), Outcome::Succeeded, now);
-        budget.release("n1");
-        assert_eq!(
-            select_dispatch(&tracker.due(now, RETRY), 10, &mut budget),
-            vec![key("n1", "b")]
-        );
+        queue.release("pf", "n1");
+        assert_eq!(queue.grant().remove("pf"), Some(vec![key("n1", "b")]));
     }
 
     /// A node event updates that node's pairs only; other nodes' pairs and

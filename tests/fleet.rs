@@ -218,3 +218,114 @@ async fn pod_deleted_mid_pull_is_retried_once_and_not_counted() -> Result<()> {
     ns.cleanup().await?;
     Ok(())
 }
+
+/// Two Prefetches competing for the slot of one node take turns: neither
+/// waits for the other to finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_prefetches_competing_for_one_node_both_progress() -> Result<()> {
+    let _serial = setup().await;
+    let cluster = support::cluster_names()[0].clone();
+    let ns = support::TestNamespace::create(&cluster, "fair").await?;
+    let client = ns.client();
+    let log = PodLog::start(client.clone()).await?;
+    let node = format!("{cluster}-worker2");
+    let prefetches = ns.api::<Prefetch>();
+    let images = |repo: &str| -> Vec<String> { (1..=6).map(|i| format!("{repo}:1.{i}")).collect() };
+    for (name, repo) in [("first", "busybox"), ("second", "alpine")] {
+        apply(
+            &prefetches,
+            prefetch_json(name, json!({ "images": images(repo), "node_filter": node })),
+        )
+        .await?;
+    }
+    // One pull at a time on the node (the default), so the two compete for
+    // every slot.
+    let _orchestrator = Orchestrator::start("fair", Options::default()).await?;
+    for name in ["first", "second"] {
+        wait_phase(&client, ns.name(), name, Phase::Ready, READY_TIMEOUT).await?;
+    }
+    let mut pods = log.pods_in(ns.name());
+    ensure!(pods.len() == 12, "{} pull pods, want 12", pods.len());
+    pods.sort_by_key(|pod| pod.first_seen);
+    let order: Vec<&str> = pods
+        .iter()
+        .map(|pod| {
+            if pod.image.contains("busybox") {
+                "first"
+            } else {
+                "second"
+            }
+        })
+        .collect();
+    // In the first half of all pulls, each had at least two: they took turns.
+    for name in ["first", "second"] {
+        let early = order[..6].iter().filter(|owner| **owner == name).count();
+        ensure!(
+            early >= 2,
+            "{name} had {early} of the first 6 pulls: {order:?}"
+        );
+    }
+    ns.cleanup().await?;
+    Ok(())
+}
+
+/// A restart of a READY Prefetch whose pairs were satisfied by pulls (the
+/// sim's nodes report no images) pulls nothing again: the status' record
+/// of verified pairs carries over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_of_a_ready_prefetch_creates_no_pull_pod() -> Result<()> {
+    let _serial = setup().await;
+    let cluster = support::cluster_names()[1].clone();
+    let ns = support::TestNamespace::create(&cluster, "restartready").await?;
+    let client = ns.client();
+    let log = PodLog::start(client.clone()).await?;
+    apply(
+        &ns.api::<Prefetch>(),
+        prefetch_json(
+            "warm",
+            json!({ "images": ["busybox:1.36", "alpine:3.20"], "node_filter": "worker", "retry_after": 3600 }),
+        ),
+    )
+    .await?;
+    let mut orchestrator = Orchestrator::start("restartready", Options::default()).await?;
+    let workers = workers(&cluster);
+    let ready = wait_phase(&client, ns.name(), "warm", Phase::Ready, READY_TIMEOUT).await?;
+    ensure!(ready.pulls.ready as usize == 2 * workers.len(), "{ready:?}");
+    ensure!(
+        ready.verified.is_some(),
+        "no record of verified pairs: {ready:?}"
+    );
+    wait_no_pull_pods(&client, ns.name(), Duration::from_secs(30)).await?;
+    let before = log.pods_in(ns.name()).len();
+    ensure!(
+        before == 2 * workers.len(),
+        "{before} pulls before the restart"
+    );
+
+    orchestrator.kill();
+    orchestrator.spawn()?;
+    orchestrator.wait_ready().await?;
+    support::wait_for(
+        "the restarted process to plan",
+        Duration::from_secs(30),
+        || {
+            let lines = log_lines_with(&orchestrator.log_path, "not pulled again");
+            async move { Ok((!lines.is_empty()).then_some(lines)) }
+        },
+    )
+    .await?;
+    // Give it time to (wrongly) start pulls, then check nothing was pulled.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let status = prefetch_status(&client, ns.name(), "warm")
+        .await?
+        .unwrap_or_default();
+    ensure!(status.phase == Some(Phase::Ready), "{status:?}");
+    let after = log.pods_in(ns.name()).len();
+    ensure!(
+        after == before,
+        "{} pull pods created after the restart",
+        after - before
+    );
+    ns.cleanup().await?;
+    Ok(())
+}

@@ -21,7 +21,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::actors::cluster::{AdoptSlot, ClusterContext, ReleaseSlot, RequestSlots};
 use crate::actors::status::{PrefetchGone, PrefetchReported, PrefetchSummary};
 use crate::actors::{delete_pull_pod, delete_pull_pod_until_gone};
-use crate::api::{Condition, Phase, Prefetch, PrefetchStatus};
+use crate::api::{Condition, Phase, Prefetch, PrefetchStatus, VerifiedRecord};
 use crate::error::{api_status_code, describe_kube_error};
 use crate::pull::index::{NodeChange, WorkloadEntry, targeting_of};
 use crate::pull::outcome::classify;
@@ -29,6 +29,7 @@ use crate::pull::plan::{DesiredSet, ExtraImages, PairKey, Planner};
 use crate::pull::podspec::{PullPodParams, build_pull_pod, pair_of_pod};
 use crate::pull::targeting::NodeView;
 use crate::pull::tracker::{BackoffPolicy, Outcome, Tracker};
+use crate::pull::verified;
 
 /// The workloads a Prefetch selects, and why some kinds could not be listed.
 #[derive(Debug, Clone, Default)]
@@ -63,6 +64,8 @@ pub struct PrefetchActor {
     pending_pods: Vec<Pod>,
     /// Whether `desired` has been computed at least once.
     planned: bool,
+    /// The verification record found in the status at start.
+    restore_from: Option<VerifiedRecord>,
     /// Where each pair's pod was created, for deleting it once the pair is no
     /// longer desired.
     known_pod_namespaces: BTreeMap<PairKey, String>,
@@ -125,6 +128,9 @@ impl PrefetchActor {
             judged_names: BTreeSet::new(),
             pending_pods: existing_pods,
             planned: false,
+            restore_from: last_status
+                .as_ref()
+                .and_then(|status| status.verified.clone()),
             known_pod_namespaces: BTreeMap::new(),
             deadlines: BTreeMap::new(),
             replan_queued: false,
@@ -229,6 +235,7 @@ impl PrefetchActor {
             for key in &keys {
                 self.check_node_report(key, now);
             }
+            self.restore_verified(now);
         } else {
             for name in std::mem::take(&mut self.dirty_nodes) {
                 let plan = self
@@ -256,6 +263,35 @@ impl PrefetchActor {
         }
         self.dispatch(ctx);
         self.queue_status(ctx);
+    }
+
+    /// Once, on the first plan: pairs that the status' record proves
+    /// verified within `retry_after` (by the process before a restart or a
+    /// failover) are not pulled again.
+    fn restore_verified(&mut self, now: Instant) {
+        let Some(record) = self.restore_from.take() else {
+            return;
+        };
+        let Some((pairs, at)) = verified::restorable(
+            &record,
+            &self.desired,
+            self.retry_after(),
+            now,
+            Timestamp::now(),
+        ) else {
+            return;
+        };
+        let mut restored = 0usize;
+        for key in &pairs {
+            if self.tracker.restore_verified(key, at) {
+                restored += 1;
+            }
+        }
+        info!(
+            restored,
+            desired = self.desired.pairs.len(),
+            "pairs verified before the restart are not pulled again"
+        );
     }
 
     /// A pair the node lists is satisfied without a pull (an in-flight pull
@@ -750,6 +786,36 @@ impl PrefetchActor {
             }],
             last_sync_time: Some(Timestamp::now().to_string()),
             message,
+            verified: self.verified_record(),
+        }
+    }
+
+    /// The record of verified pairs for the status. One whose digests did
+    /// not change and whose time moved by rounding only is kept as it was,
+    /// so it causes no write.
+    fn verified_record(&self) -> Option<VerifiedRecord> {
+        let fresh = verified::record(
+            &self.desired,
+            &self.tracker,
+            Instant::now(),
+            Timestamp::now(),
+        );
+        let previous = self
+            .last_status
+            .as_ref()
+            .and_then(|status| status.verified.as_ref());
+        match (fresh, previous) {
+            (Some(fresh), Some(previous)) if fresh.digests == previous.digests => {
+                let close = match (
+                    fresh.at.parse::<Timestamp>(),
+                    previous.at.parse::<Timestamp>(),
+                ) {
+                    (Ok(a), Ok(b)) => (a.as_second() - b.as_second()).abs() <= 2,
+                    _ => false,
+                };
+                Some(if close { previous.clone() } else { fresh })
+            }
+            (fresh, _) => fresh,
         }
     }
 

@@ -9,4 +9,5 @@ pub mod plan;
 pub mod podspec;
 pub mod targeting;
 pub mod tracker;
+pub mod verified;
 pub mod workload;

@@ -263,6 +263,18 @@ impl Tracker {
         }
     }
 
+    /// A pair not started yet was verified at `at` by an earlier process
+    /// (see `crate::pull::verified`). Returns whether it was taken.
+    pub fn restore_verified(&mut self, key: &PairKey, at: Instant) -> bool {
+        match self.pairs.get_mut(key) {
+            Some(pair) if matches!(pair.status, PairStatus::Idle) => {
+                pair.satisfy(at);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// A pull pod was created (or already existed) for `key`. Starting from
     /// Failed begins a new round at attempt 0. A pod for an undesired pair
     /// is recorded as an orphan, so that it gets deleted.

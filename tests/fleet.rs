@@ -52,7 +52,7 @@ async fn failed_then_ready_leaves_no_failure_message() -> Result<()> {
         &prefetches,
         prefetch_json(
             "flip",
-            json!({ "images": ["fail.invalid/x:1"], "node_filter": "worker1" }),
+            json!({ "images": ["fail.invalid/x:1"], "node_filter": "worker2" }),
         ),
     )
     .await?;
@@ -178,7 +178,7 @@ async fn pod_deleted_mid_pull_is_retried_once_and_not_counted() -> Result<()> {
     let ns = support::TestNamespace::create(&cluster, "vanish").await?;
     let client = ns.client();
     let log = PodLog::start(client.clone()).await?;
-    let node = format!("{cluster}-worker1");
+    let node = format!("{cluster}-worker2");
     apply(
         &ns.api::<Prefetch>(),
         prefetch_json(

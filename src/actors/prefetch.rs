@@ -218,16 +218,21 @@ impl PrefetchActor {
         // A short pause coalesces bursts of watch events into one plan.
         ctx.run_later(Duration::from_millis(30), |actor, ctx| {
             actor.replan_queued = false;
-            actor.replan(ctx);
+            actor.replan(ctx, false);
         });
     }
 
     /// Brings `desired` and the tracker up to date: the whole set after a
-    /// planner change, else only the nodes that changed.
-    fn replan(&mut self, ctx: &mut Context<Self>) {
+    /// planner change, else only the nodes that changed. Then dispatches and
+    /// reports, unless node events changed nothing (the usual image list
+    /// update of a node already served) and no timer is due (`wakeup`):
+    /// that keeps a node event's cost to that node's pairs.
+    fn replan(&mut self, ctx: &mut Context<Self>, wakeup: bool) {
         let _span = self.span.clone().entered();
         let now = Instant::now();
+        let mut changed = wakeup || !self.planned || !self.pending_pods.is_empty();
         if std::mem::take(&mut self.replan_all) {
+            changed = true;
             self.dirty_nodes.clear();
             self.desired = self.planner.plan(self.nodes.values().map(|node| &**node));
             self.tracker.set_desired(&self.desired);
@@ -242,13 +247,18 @@ impl PrefetchActor {
                     .nodes
                     .get(&name)
                     .and_then(|node| self.planner.plan_node(node));
-                self.desired.replace_node(&name, plan);
-                self.tracker.set_node_desired(&name, &self.desired);
+                if self.desired.replace_node(&name, plan) {
+                    changed = true;
+                    self.tracker.set_node_desired(&name, &self.desired);
+                }
                 let keys: Vec<PairKey> = self.desired.node_keys(&name).cloned().collect();
                 for key in &keys {
-                    self.check_node_report(key, now);
+                    changed |= self.check_node_report(key, now);
                 }
             }
+        }
+        if !changed {
+            return;
         }
         self.planned = true;
 
@@ -296,14 +306,13 @@ impl PrefetchActor {
 
     /// A pair the node lists is satisfied without a pull (an in-flight pull
     /// keeps waiting for its pod's verdict).
-    fn check_node_report(&mut self, key: &PairKey, now: Instant) {
+    /// Returns whether that satisfied a pair that was not.
+    fn check_node_report(&mut self, key: &PairKey, now: Instant) -> bool {
         let reported = self
             .nodes
             .get(&key.node)
             .is_some_and(|node| node.images.contains(&key.image));
-        if reported {
-            self.tracker.node_reports_image(key, now);
-        }
+        reported && self.tracker.node_reports_image(key, now)
     }
 
     /// The namespace a pair's pod lives in (the workload's, or the Prefetch's).
@@ -443,7 +452,7 @@ impl PrefetchActor {
         self.wakeup = Some(ctx.run_later(delay, |actor, ctx| {
             actor.wakeup = None;
             actor.expire_overdue_pulls(ctx);
-            actor.replan(ctx);
+            actor.replan(ctx, true);
         }));
     }
 

@@ -259,22 +259,27 @@ impl Planner {
 
 impl DesiredSet {
     /// Replaces the pairs of `node` with `plan` (`None`: not targeted).
-    /// Costs the node's own pairs, not the whole set.
-    pub fn replace_node(&mut self, node: &str, plan: Option<Vec<PullTarget>>) {
+    /// Costs the node's own pairs, not the whole set. Returns whether
+    /// anything changed (most node events, image list updates of a node
+    /// already served, change nothing here).
+    pub fn replace_node(&mut self, node: &str, plan: Option<Vec<PullTarget>>) -> bool {
         let stale: Vec<PairKey> = self.node_keys(node).cloned().collect();
-        for key in stale {
-            self.pairs.remove(&key);
-        }
+        let old: Vec<PullTarget> = stale
+            .iter()
+            .filter_map(|key| self.pairs.remove(key))
+            .collect();
         match plan {
-            Some(pairs) => {
-                self.nodes.insert(node.to_string());
+            Some(mut pairs) => {
+                let newly_targeted = self.nodes.insert(node.to_string());
+                // `old` is in key order (by image); compare alike.
+                pairs.sort_by(|a, b| a.image.cmp(&b.image));
+                let changed = newly_targeted || old != pairs;
                 for target in pairs {
                     self.pairs.insert(target.key(), target);
                 }
+                changed
             }
-            None => {
-                self.nodes.remove(node);
-            }
+            None => self.nodes.remove(node) || !old.is_empty(),
         }
     }
 
@@ -642,9 +647,12 @@ mod tests {
         };
         assert_eq!(desired, whole(&nodes));
 
+        // Unchanged: nothing to do for anyone.
+        assert!(!desired.replace_node("worker1", planner.plan_node(&nodes[0])));
+
         // Added.
         let added = labelled("worker3", "a");
-        desired.replace_node(&added.name, planner.plan_node(&added));
+        assert!(desired.replace_node(&added.name, planner.plan_node(&added)));
         nodes.push(added);
         assert_eq!(desired, whole(&nodes));
         assert_eq!(desired.node_keys("worker3").count(), 3);

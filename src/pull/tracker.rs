@@ -255,11 +255,16 @@ impl Tracker {
 
     /// The node lists the image: satisfied without a pull. An in-flight
     /// pair keeps waiting for its pod, whose outcome will follow.
-    pub fn node_reports_image(&mut self, key: &PairKey, now: Instant) {
-        if let Some(pair) = self.pairs.get_mut(key)
-            && !matches!(pair.status, PairStatus::InFlight { .. })
-        {
-            pair.satisfy(now);
+    /// Returns whether the pair was not satisfied before (a change anyone
+    /// cares about; refreshing a satisfied pair only moves its next check).
+    pub fn node_reports_image(&mut self, key: &PairKey, now: Instant) -> bool {
+        match self.pairs.get_mut(key) {
+            Some(pair) if !matches!(pair.status, PairStatus::InFlight { .. }) => {
+                let newly = !matches!(pair.status, PairStatus::Satisfied { .. });
+                pair.satisfy(now);
+                newly
+            }
+            _ => false,
         }
     }
 
@@ -1114,5 +1119,21 @@ mod tests {
         assert!(tracker.due(now, RETRY).is_empty());
         assert_eq!(tracker.due(now + secs(1), RETRY), vec![k.clone()]);
         assert!(!tracker.is_current_pod(&k, "pod-a", "new"));
+    }
+
+    #[test]
+    fn node_report_says_whether_it_changed_anything() {
+        let now = Instant::now();
+        let mut tracker = Tracker::new(policy());
+        let k = key("n1", "a");
+        tracker.set_desired(&desired(&[("n1", "a")]));
+        assert!(tracker.node_reports_image(&k, now));
+        assert!(!tracker.node_reports_image(&k, now + secs(1)), "a refresh");
+        tracker.on_dispatched(&k, "pod", now);
+        assert!(!tracker.node_reports_image(&k, now), "in flight: untouched");
+        assert!(
+            !tracker.node_reports_image(&key("n9", "a"), now),
+            "not desired"
+        );
     }
 }

@@ -337,13 +337,11 @@ impl ClusterActor {
     /// Prefetch then reports the failure instead of waiting silently).
     fn workloads_settled(&self, selector: &WorkloadSelector) -> bool {
         selector.kinds.iter().all(|kind| {
-            self.kind_watches
-                .get(kind)
-                .is_some_and(|watch| watch.error.is_some())
-                || self.workloads.is_synced_for(&WorkloadSelector {
-                    kinds: [*kind].into(),
-                    ..WorkloadSelector::default()
-                })
+            self.workloads.is_kind_synced(*kind)
+                || self
+                    .kind_watches
+                    .get(kind)
+                    .is_some_and(|watch| watch.error.is_some())
         })
     }
 

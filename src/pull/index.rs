@@ -256,12 +256,14 @@ impl WorkloadIndex {
         self.kinds.keys().copied()
     }
 
+    /// Whether `kind` has been listed.
+    pub fn is_kind_synced(&self, kind: WorkloadKind) -> bool {
+        self.kinds.get(&kind).is_some_and(Index::is_synced)
+    }
+
     /// Whether every kind `selector` needs has been listed.
     pub fn is_synced_for(&self, selector: &WorkloadSelector) -> bool {
-        selector
-            .kinds
-            .iter()
-            .all(|kind| self.kinds.get(kind).is_some_and(Index::is_synced))
+        selector.kinds.iter().all(|kind| self.is_kind_synced(*kind))
     }
 
     /// The selected workloads, in (kind, namespace, name) order. Looks only

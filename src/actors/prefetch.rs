@@ -76,6 +76,7 @@ pub struct PrefetchActor {
     replan_queued: bool,
     /// Whether the dispatch queue holds a non-empty request of ours.
     requested: bool,
+    dispatch_queued: bool,
     wakeup: Option<SpawnHandle>,
     status_queued: bool,
     /// One status write at a time: two in flight could land out of order
@@ -135,6 +136,7 @@ impl PrefetchActor {
             deadlines: BTreeMap::new(),
             replan_queued: false,
             requested: false,
+            dispatch_queued: false,
             wakeup: None,
             status_queued: false,
             status_writing: false,
@@ -543,7 +545,20 @@ impl PrefetchActor {
             }
         }
         self.tracker.on_outcome(key, outcome, now);
-        self.dispatch(ctx);
+        self.queue_dispatch(ctx);
+    }
+
+    /// Dispatches shortly: outcomes come in bursts during a fan-out, and
+    /// each dispatch scans every pair for the due ones.
+    fn queue_dispatch(&mut self, ctx: &mut Context<Self>) {
+        if self.dispatch_queued || self.shutting_down {
+            return;
+        }
+        self.dispatch_queued = true;
+        ctx.run_later(Duration::from_millis(10), |actor, ctx| {
+            actor.dispatch_queued = false;
+            actor.dispatch(ctx);
+        });
     }
 
     fn publish_event(&self, type_: EventType, reason: &str, note: String) {

@@ -6,6 +6,9 @@ SHELL := bash
 # Size of the simulated clusters (clusters/sim): how many, and fake nodes each.
 SIM_CLUSTERS ?= 3
 SIM_NODES ?= 4
+# Real nodes (a real kubelet, containerd and runc) that `make test` adds to
+# sim-1 for the tests that pull for real (tests/real_nodes.rs).
+SIM_REAL_NODES ?= 1
 export SIM_CLUSTERS SIM_NODES
 
 CARGO ?= cargo
@@ -34,16 +37,19 @@ sim-up: sim-build
 sim-down:
 	clusters/sim/down
 
-## Format and lint checks, then every test against fresh simulated clusters.
-## The clusters are stopped at the end whatever happens; the exit code is the
-## first failure's.
+## Format and lint checks, then every test against fresh simulated clusters:
+## first on fake (KWOK) nodes, then the real-node tests with real kubelets
+## added to sim-1. The clusters are stopped at the end whatever happens; the
+## exit code is the first failure's.
 test:
 	trap 'clusters/sim/down >/dev/null 2>&1 || echo "make test: clusters/sim/down failed" >&2' EXIT; \
 	$(CARGO) fmt --all -- --check; \
 	$(CARGO) clippy --all-targets -- -D warnings; \
 	deploy/lint.sh; \
-	clusters/sim/build; \
+	clusters/sim/build --real-nodes; \
 	clusters/sim/up --clusters $(SIM_CLUSTERS) --nodes $(SIM_NODES); \
 	$(CARGO) test; \
-	$(CARGO) test --test sim_down -- --ignored; \
+	clusters/sim/up --clusters $(SIM_CLUSTERS) --nodes $(SIM_NODES) --real-nodes $(SIM_REAL_NODES); \
+	$(CARGO) test --test real_nodes -- --ignored --test-threads 1 --nocapture; \
+	$(CARGO) test --test sim_down -- --ignored --test-threads 1; \
 	clusters/sim/check-ports

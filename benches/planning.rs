@@ -26,7 +26,7 @@ use kube_prefetch::pull::image::{NodeImages, node_has_image, normalize};
 use kube_prefetch::pull::plan::{
     DesiredSet, ExtraImages, PairKey, Planner, PullTarget, desired_pulls,
 };
-use kube_prefetch::pull::podspec::{PullPodParams, build_pull_pod};
+use kube_prefetch::pull::podspec::{PullMethod, PullPodParams, build_pull_pod};
 use kube_prefetch::pull::targeting::{NodeTargeting, NodeView, SchedulingConstraints};
 use kube_prefetch::pull::tracker::{BackoffPolicy, Outcome, Tracker};
 use kube_prefetch::pull::workload::WorkloadImages;
@@ -961,6 +961,7 @@ fn main() {
             prefetch_name: "warm-payments",
             prefetch_uid: "6f1c2a4e-8b3d-4f7a-9c1e-2d5b7a9e0f13",
             target: black_box(&target),
+            method: PullMethod::Helper,
             helper_image: "ghcr.io/kube-prefetch/kube-prefetch-noop:0.1.0",
             timeout_seconds: 600,
             priority_class: Some("kube-prefetch-low"),

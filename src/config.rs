@@ -24,6 +24,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::pull::podspec::PullMethod;
+
 /// Prefix of the environment overrides, e.g. `KUBE_PREFETCH__SERVER__LISTEN`.
 pub const ENV_PREFIX: &str = "KUBE_PREFETCH";
 /// Separates the prefix, the section and the key in an override's name.
@@ -135,7 +137,12 @@ pub struct Policy {
     pub cross_namespace: bool,
     /// Pull pods tolerate every taint instead of copying the workload's tolerations.
     pub tolerate_all_taints: bool,
-    /// Image of the init container that provides the static no-op binary.
+    /// How pull pods avoid running the image's code: `helper` (an init
+    /// container with a static no-op) or `direct` (a command that cannot
+    /// exist; no helper image needed).
+    pub pull_method: PullMethod,
+    /// Image of the init container that provides the static no-op binary
+    /// (`pull_method = "helper"` only).
     pub helper_image: String,
     /// PriorityClass of pull pods (a low one keeps them from preempting work).
     pub priority_class: Option<String>,
@@ -146,6 +153,7 @@ impl Default for Policy {
         Policy {
             cross_namespace: false,
             tolerate_all_taints: false,
+            pull_method: PullMethod::default(),
             helper_image: DEFAULT_HELPER_IMAGE.to_string(),
             priority_class: None,
         }
@@ -634,6 +642,7 @@ const ENV_SETTINGS: &[(&str, &[&str])] = &[
         &[
             "cross_namespace",
             "tolerate_all_taints",
+            "pull_method",
             "helper_image",
             "priority_class",
         ],
@@ -1078,6 +1087,7 @@ max_attempts = 3
 [policy]
 cross_namespace = true
 tolerate_all_taints = true
+pull_method = "direct"
 helper_image = "registry.local/noop:1"
 priority_class = "low"
 
@@ -1124,6 +1134,7 @@ lease_name = "prefetch"
             policy: Policy {
                 cross_namespace: true,
                 tolerate_all_taints: true,
+                pull_method: PullMethod::Direct,
                 helper_image: "registry.local/noop:1".into(),
                 priority_class: Some("low".into()),
             },

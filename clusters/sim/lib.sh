@@ -9,6 +9,7 @@ KWOK_VERSION=v0.8.0
 # Built binaries live outside the work tree, keyed by the versions, so a fresh
 # clone on the same machine reuses them and a version bump rebuilds.
 SIM_CACHE_ROOT=${KUBE_PREFETCH_SIM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kube-prefetch-sim}
+# shellcheck disable=SC2034 # used by the scripts that source this
 SIM_BIN=$SIM_CACHE_ROOT/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION
 SIM_RUN=${KUBE_PREFETCH_SIM_RUN:-$SIM_DIR/run}
 # Beside the run dir, not in it: `down` removes the run dir while holding it.
@@ -48,7 +49,7 @@ take_lock() {
 }
 
 # True if the pid names a live (not zombie) process that runs one of our cached
-# binaries. The executable check guards against a recycled pid: we never signal
+# binaries (control plane, real nodes, registries). The executable check guards against a recycled pid: we never signal
 # a process only because a stale pid file names it.
 pid_is_ours() {
   local pid=$1 exe state
@@ -58,7 +59,7 @@ pid_is_ours() {
   [ "$state" != Z ] || return 1
   exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 1
   exe=${exe% (deleted)}
-  [[ $exe == "$SIM_BIN"/* ]]
+  [[ $exe == "$SIM_CACHE_ROOT"/* ]]
 }
 
 pidfile_alive() { # pidfile

@@ -385,6 +385,7 @@ impl PrefetchActor {
                 prefetch_name: &prefetch_name,
                 prefetch_uid: &self.uid,
                 target: &target,
+                method: self.shared.config.policy.pull_method,
                 helper_image: &helper_image,
                 timeout_seconds: timeout,
                 priority_class: priority_class.as_deref(),

@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::pull::outcome::{HELPER_INIT_CONTAINER, PULL_CONTAINER};
@@ -36,6 +37,35 @@ const HELPER_BINARY: &str = "/kube-prefetch-noop";
 const NOOP_BINARY: &str = "/kube-prefetch/noop";
 /// The conventional `nobody` user and group.
 const NOBODY: i64 = 65534;
+/// The command of a direct pull container: a path no image has, so starting
+/// the container fails right after the kubelet pulled the image, and no code
+/// of the image runs. The name says who asked, for whoever reads the event.
+pub const DIRECT_PULL_COMMAND: &str = "/.kube-prefetch/pull-only-not-a-command";
+
+/// How a pull pod makes the kubelet pull an image without running its code.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PullMethod {
+    /// The image's container runs [`DIRECT_PULL_COMMAND`]: the kubelet pulls
+    /// the image, then the runtime fails to start the container
+    /// (`StartError`); the pull is judged from the container's `imageID`.
+    /// No helper image to build, host, mirror or trust.
+    Direct,
+    /// An init container from the helper image copies a static no-op binary
+    /// into an emptyDir; the image's container runs it and exits 0, so the
+    /// pod Succeeds.
+    #[default]
+    Helper,
+}
+
+impl PullMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullMethod::Direct => "direct",
+            PullMethod::Helper => "helper",
+        }
+    }
+}
 
 /// Label selector matching every pull pod of kube-prefetch.
 pub fn managed_selector() -> String {
@@ -128,7 +158,9 @@ pub struct PullPodParams<'a> {
     pub prefetch_name: &'a str,
     pub prefetch_uid: &'a str,
     pub target: &'a PullTarget,
-    /// Our own multi-arch image holding the static no-op binary.
+    pub method: PullMethod,
+    /// Our own multi-arch image holding the static no-op binary (used by
+    /// [`PullMethod::Helper`] only).
     pub helper_image: &'a str,
     /// `activeDeadlineSeconds`: the pull timeout.
     pub timeout_seconds: i64,
@@ -174,32 +206,35 @@ pub fn build_pull_pod(params: &PullPodParams) -> Pod {
         ..ObjectMeta::default()
     };
 
-    let install = Container {
-        name: HELPER_INIT_CONTAINER.to_string(),
-        image: Some(params.helper_image.to_string()),
+    let mut pull = Container {
+        name: PULL_CONTAINER.to_string(),
+        image: Some(target.image.clone()),
         image_pull_policy: Some("IfNotPresent".to_string()),
-        command: Some(vec![
-            HELPER_BINARY.to_string(),
-            "install".to_string(),
-            NOOP_BINARY.to_string(),
-        ]),
-        volume_mounts: Some(vec![noop_mount(false)]),
+        command: Some(vec![DIRECT_PULL_COMMAND.to_string()]),
         resources: Some(tiny_resources()),
         security_context: Some(restricted_security_context()),
         ..Container::default()
     };
-    // The target image only provides the filesystem; the process is our
-    // no-op from the shared volume, so images without a shell work and none
-    // of their code runs.
-    let pull = Container {
-        name: PULL_CONTAINER.to_string(),
-        image: Some(target.image.clone()),
-        image_pull_policy: Some("IfNotPresent".to_string()),
-        command: Some(vec![NOOP_BINARY.to_string()]),
-        volume_mounts: Some(vec![noop_mount(true)]),
-        resources: Some(tiny_resources()),
-        security_context: Some(restricted_security_context()),
-        ..Container::default()
+    let (init_containers, volumes) = match params.method {
+        PullMethod::Direct => (None, None),
+        PullMethod::Helper => {
+            // The target image only provides the filesystem; the process is
+            // our no-op from the shared volume, so images without a shell
+            // work and none of their code runs.
+            pull.command = Some(vec![NOOP_BINARY.to_string()]);
+            pull.volume_mounts = Some(vec![noop_mount(true)]);
+            (
+                Some(vec![helper_init_container(params.helper_image)]),
+                Some(vec![Volume {
+                    name: NOOP_VOLUME.to_string(),
+                    empty_dir: Some(EmptyDirVolumeSource {
+                        medium: Some("Memory".to_string()),
+                        size_limit: Some(Quantity("16Mi".to_string())),
+                    }),
+                    ..Volume::default()
+                }]),
+            )
+        }
     };
 
     let spec = PodSpec {
@@ -226,15 +261,8 @@ pub fn build_pull_pod(params: &PullPodParams) -> Pod {
             seccomp_profile: Some(runtime_default_seccomp()),
             ..PodSecurityContext::default()
         }),
-        volumes: Some(vec![Volume {
-            name: NOOP_VOLUME.to_string(),
-            empty_dir: Some(EmptyDirVolumeSource {
-                medium: Some("Memory".to_string()),
-                size_limit: Some(Quantity("16Mi".to_string())),
-            }),
-            ..Volume::default()
-        }]),
-        init_containers: Some(vec![install]),
+        volumes,
+        init_containers,
         containers: vec![pull],
         ..PodSpec::default()
     };
@@ -243,6 +271,23 @@ pub fn build_pull_pod(params: &PullPodParams) -> Pod {
         metadata,
         spec: Some(spec),
         status: None,
+    }
+}
+
+fn helper_init_container(helper_image: &str) -> Container {
+    Container {
+        name: HELPER_INIT_CONTAINER.to_string(),
+        image: Some(helper_image.to_string()),
+        image_pull_policy: Some("IfNotPresent".to_string()),
+        command: Some(vec![
+            HELPER_BINARY.to_string(),
+            "install".to_string(),
+            NOOP_BINARY.to_string(),
+        ]),
+        volume_mounts: Some(vec![noop_mount(false)]),
+        resources: Some(tiny_resources()),
+        security_context: Some(restricted_security_context()),
+        ..Container::default()
     }
 }
 
@@ -342,6 +387,7 @@ mod tests {
             prefetch_name: name,
             prefetch_uid: UID,
             target,
+            method: PullMethod::Helper,
             helper_image: "ghcr.io/kube-prefetch/helper:0.1.0",
             timeout_seconds: 600,
             priority_class: priority,
@@ -536,6 +582,46 @@ mod tests {
                 security.seccomp_profile.map(|profile| profile.type_),
                 Some("RuntimeDefault".to_string())
             );
+        }
+    }
+
+    #[test]
+    fn direct_pull_pods_need_no_helper() {
+        let target = target();
+        let pod = build_pull_pod(&PullPodParams {
+            prefetch_namespace: "default",
+            prefetch_name: "p",
+            prefetch_uid: UID,
+            target: &target,
+            method: PullMethod::Direct,
+            helper_image: "ghcr.io/kube-prefetch/helper:0.1.0",
+            timeout_seconds: 600,
+            priority_class: None,
+        });
+        let spec = pod.spec.expect("spec");
+        assert_eq!(spec.init_containers, None);
+        assert_eq!(spec.volumes, None);
+        let [pull] = spec.containers.as_slice() else {
+            panic!("one container expected: {:?}", spec.containers);
+        };
+        assert_eq!(pull.name, PULL_CONTAINER);
+        assert_eq!(pull.image.as_deref(), Some(target.image.as_str()));
+        assert_eq!(
+            pull.command.as_deref(),
+            Some([DIRECT_PULL_COMMAND.to_string()].as_slice())
+        );
+        assert_eq!(pull.volume_mounts, None);
+        // The same restricted context as the helper method.
+        assert_eq!(pull.security_context, Some(restricted_security_context()));
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        assert_eq!(spec.node_name.as_deref(), Some("kind-worker"));
+    }
+
+    #[test]
+    fn pull_method_names() {
+        for method in [PullMethod::Direct, PullMethod::Helper] {
+            let json = serde_json::to_string(&method).expect("serialize");
+            assert_eq!(json, format!("\"{}\"", method.as_str()));
         }
     }
 

@@ -711,14 +711,7 @@ impl PrefetchActor {
         }
         self.status_queued = true;
         let debounce = self.shared.config.defaults.status_debounce;
-        // After failed writes: 2x, 4x, ... the debounce, at most a minute, so
-        // an overloaded or refusing API server is not hammered.
-        let delay = if self.status_failures == 0 {
-            debounce
-        } else {
-            (debounce.max(Duration::from_millis(100)) * (1u32 << self.status_failures.min(10)))
-                .min(Duration::from_secs(60))
-        };
+        let delay = status_write_delay(debounce, self.status_failures);
         ctx.run_later(delay, |actor, ctx| {
             actor.status_queued = false;
             actor.write_status(ctx);
@@ -949,6 +942,17 @@ const MAX_CANDIDATES: usize = 64;
 /// Owner of the status fields for server-side apply.
 const FIELD_MANAGER: &str = "kube-prefetch";
 
+/// When to write the status next: after the debounce, or after failed
+/// writes 2x, 4x, ... the debounce (at least 100 ms), at most a minute, so
+/// an overloaded or refusing API server is not hammered.
+fn status_write_delay(debounce: Duration, failures: u32) -> Duration {
+    if failures == 0 {
+        return debounce;
+    }
+    (debounce.max(Duration::from_millis(100)) * (1u32 << failures.min(10)))
+        .min(Duration::from_secs(60))
+}
+
 /// Time for the kubelet to report a pod it stopped at its deadline.
 const DEADLINE_SLACK: Duration = Duration::from_secs(10);
 
@@ -1136,5 +1140,28 @@ impl Handler<Shutdown> for PrefetchActor {
             }
         };
         ctx.wait(cleanup.into_actor(self).map(|_, _, ctx| ctx.stop()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_status_writes_back_off_up_to_a_minute() {
+        let debounce = Duration::from_millis(500);
+        assert_eq!(status_write_delay(debounce, 0), debounce);
+        assert_eq!(status_write_delay(debounce, 1), Duration::from_secs(1));
+        assert_eq!(status_write_delay(debounce, 2), Duration::from_secs(2));
+        assert_eq!(status_write_delay(debounce, 7), Duration::from_secs(60));
+        assert_eq!(
+            status_write_delay(debounce, u32::MAX),
+            Duration::from_secs(60)
+        );
+        // A zero debounce still backs off.
+        assert_eq!(
+            status_write_delay(Duration::ZERO, 1),
+            Duration::from_millis(200)
+        );
     }
 }

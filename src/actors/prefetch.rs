@@ -1,9 +1,9 @@
 //! One actor per Prefetch object. The ClusterActor hands it the nodes it
 //! targets and the workloads it selects, then only the changes that concern
 //! it; it plans (node, image) pairs with the pure planner (a node event
-//! re-plans that node alone), fans out pull pods within the shared budget,
-//! judges them, and writes the status. All decisions are made by
-//! `crate::pull`; this file only moves data.
+//! re-plans that node alone), fans out pull pods in the slots the cluster's
+//! dispatch queue grants, judges them, and writes the status. All decisions
+//! are made by `crate::pull`; this file only moves data.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

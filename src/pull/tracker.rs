@@ -454,7 +454,7 @@ impl Tracker {
 
     /// Like [`Tracker::next_wakeup`], but only instants strictly after
     /// `now`: what a timer should wait for once everything due now was
-    /// handled (or is blocked by a budget, which wakes the actor itself).
+    /// handled (or waits for a slot of the dispatch queue, which grants it).
     pub fn next_wakeup_after(&self, now: Instant, retry_after: Duration) -> Option<Instant> {
         self.pairs
             .values()
@@ -482,7 +482,7 @@ impl Tracker {
     }
 
     /// In-flight pods of pairs no longer desired; the caller deletes them
-    /// (and releases their budget). Each is returned once.
+    /// (and releases their slots). Each is returned once.
     pub fn orphaned_in_flight(&mut self) -> Vec<(PairKey, String)> {
         std::mem::take(&mut self.orphans)
             .into_iter()

@@ -593,6 +593,7 @@ fn targeting() -> NodeTargeting {
     NodeTargeting {
         node_filter: Some("worker".to_string()),
         node_selector: labels(&[("kubernetes.io/os", "linux")]),
+        ..NodeTargeting::default()
     }
 }
 

@@ -1,5 +1,6 @@
 //! The command line: `run` (default), `check`, `plan`, `status`, `crd`.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -95,11 +96,40 @@ pub fn init_logging(cli: &Cli) {
         });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour_wanted(std::io::stderr().is_terminal()))
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// Colour only for a terminal, and not when NO_COLOR is set
+/// (https://no-color.org): escape codes in a pipe or a log file are noise.
+fn colour_wanted(is_terminal: bool) -> bool {
+    is_terminal && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty())
+}
+
+/// `text` in the ANSI colour `code` (e.g. "32" for green), or plain.
+fn paint(text: &str, code: &str, colour: bool) -> String {
+    if colour {
+        format!("\x1b[{code}m{text}\x1b[0m")
+    } else {
+        text.to_string()
+    }
+}
+
+/// One cluster's part of the `check` report.
+fn check_report(cluster: &str, result: &Result<Vec<String>, Vec<String>>, colour: bool) -> String {
+    let (verdict, lines) = match result {
+        Ok(lines) => (paint("ok", "32", colour), lines),
+        Err(lines) => (paint("PROBLEM", "1;31", colour), lines),
+    };
+    let mut report = format!("{cluster}: {verdict}\n");
+    for line in lines {
+        report.push_str(&format!("  {line}\n"));
+    }
+    report
 }
 
 pub fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -229,24 +259,15 @@ fn check(config_path: PathBuf) -> anyhow::Result<ExitCode> {
         config_path.display(),
         targets.len()
     );
+    let colour = colour_wanted(std::io::stdout().is_terminal());
     let problems = block_on(async {
         let mut problems = 0;
         for target in &targets {
-            match check_cluster(target).await {
-                Ok(lines) => {
-                    println!("{}: ok", target.name);
-                    for line in lines {
-                        println!("  {line}");
-                    }
-                }
-                Err(lines) => {
-                    problems += 1;
-                    println!("{}: PROBLEM", target.name);
-                    for line in lines {
-                        println!("  {line}");
-                    }
-                }
+            let result = check_cluster(target).await;
+            if result.is_err() {
+                problems += 1;
             }
+            print!("{}", check_report(&target.name, &result, colour));
         }
         problems
     })?;
@@ -412,10 +433,15 @@ async fn plan_cluster(config: &Config, target: &ClusterTarget) -> anyhow::Result
         let own = prefetch.namespace().unwrap_or_default();
         let spec = &prefetch.spec;
         let (namespaces, _) = spec.workload_namespaces(&own, config.policy.cross_namespace);
-        let labels = spec.label_selector();
+        // An invalid label key builds no selector: the Prefetch's own
+        // images are still planned, its problem is printed below.
+        let (kinds, labels) = match spec.label_selector() {
+            Ok(labels) => (spec.selected_workload_kinds(), labels),
+            Err(_) => (Vec::new(), String::new()),
+        };
         let mut workloads = Vec::new();
         for namespace in &namespaces {
-            for kind in spec.selected_workload_kinds() {
+            for kind in kinds.iter().copied() {
                 let found = match kind {
                     WorkloadKind::Deployment => {
                         list_workloads::<Deployment>(&client, namespace, &labels).await?
@@ -442,10 +468,7 @@ async fn plan_cluster(config: &Config, target: &ClusterTarget) -> anyhow::Result
                 namespace: own.clone(),
                 image_pull_secrets: spec.image_pull_secrets.clone(),
             },
-            &NodeTargeting {
-                node_filter: spec.node_filter.clone(),
-                node_selector: spec.node_selector.clone(),
-            },
+            &NodeTargeting::from_spec(spec),
             spec.respects_workload_scheduling(),
             config.policy.tolerate_all_taints,
         );
@@ -474,6 +497,9 @@ async fn plan_cluster(config: &Config, target: &ClusterTarget) -> anyhow::Result
         }
         for invalid in &desired.invalid_images {
             lines.push(format!("    skipped: {invalid}"));
+        }
+        for problem in spec.spec_problems() {
+            lines.push(format!("    problem: {problem}"));
         }
     }
     if prefetches.items.is_empty() {
@@ -574,4 +600,34 @@ pub fn status_table(view: &StatusView) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_report_is_coloured_only_when_asked() {
+        let ok: Result<Vec<String>, Vec<String>> = Ok(vec!["server version v1.36.3".into()]);
+        let problem: Result<Vec<String>, Vec<String>> =
+            Err(vec!["Prefetch CRD missing: apply deploy/crd.yaml".into()]);
+        assert_eq!(
+            check_report("sim-1", &ok, false),
+            "sim-1: ok\n  server version v1.36.3\n"
+        );
+        assert_eq!(
+            check_report("sim-2", &problem, false),
+            "sim-2: PROBLEM\n  Prefetch CRD missing: apply deploy/crd.yaml\n"
+        );
+        assert_eq!(
+            check_report("sim-1", &ok, true),
+            "sim-1: \x1b[32mok\x1b[0m\n  server version v1.36.3\n"
+        );
+        assert_eq!(
+            check_report("sim-2", &problem, true),
+            "sim-2: \x1b[1;31mPROBLEM\x1b[0m\n  Prefetch CRD missing: apply deploy/crd.yaml\n"
+        );
+        // A pipe or a file is never a terminal.
+        assert!(!colour_wanted(false));
+    }
 }

@@ -4,39 +4,64 @@
 
 use std::time::Duration;
 
-use kube_lease_manager::{LeaseManager, LeaseManagerBuilder};
+use kube_lease_manager::{LeaseManager, LeaseManagerBuilder, LeaseManagerError};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::config::LeaderElection;
+use crate::error::describe_kube_error;
 
 /// How long a lease stays valid without renewal, and how early the holder
 /// renews it: a standby takes over at most this long after a leader dies.
 const LEASE_DURATION_SECONDS: u64 = 15;
 const LEASE_GRACE_SECONDS: u64 = 5;
 
+/// Start-up failures of leader election. Each carries its cause as text,
+/// already reduced to the distinct messages of its chain: the causes repeat
+/// each other's text (kube-lease-manager's error embeds the kube error,
+/// which embeds the API status), and printing the chain printed it four
+/// times.
 #[derive(Debug, thiserror::Error)]
 pub enum LeaderError {
     #[error(
-        "leader election: cannot build a client for the home cluster (in-cluster config or KUBECONFIG): {0}"
+        "leader election: cannot build a client for the home cluster (in-cluster config or KUBECONFIG): {cause}"
     )]
-    HomeClient(#[source] kube::Error),
-    #[error("leader election: cannot use Lease {namespace}/{name} in the home cluster: {source}")]
+    HomeClient { cause: String },
+    #[error("leader election: cannot use Lease {namespace}/{name} in the home cluster: {cause}")]
     Lease {
         namespace: String,
         name: String,
-        #[source]
-        source: kube_lease_manager::LeaseManagerError,
+        cause: String,
     },
     #[error("leader election: the lease manager stopped before this instance became the leader")]
     Stopped,
 }
 
+impl LeaderError {
+    fn home_client(error: &kube::Error) -> Self {
+        LeaderError::HomeClient {
+            cause: describe_kube_error(error),
+        }
+    }
+
+    fn lease(settings: &LeaderElection, error: &LeaseManagerError) -> Self {
+        let cause = match error {
+            LeaseManagerError::KubeError(error) => describe_kube_error(error),
+            other => other.to_string(),
+        };
+        LeaderError::Lease {
+            namespace: settings.namespace.clone(),
+            name: settings.lease_name.clone(),
+            cause,
+        }
+    }
+}
+
 /// Held while this instance is the leader; dropping it releases the Lease.
 pub struct Leadership {
     state: watch::Receiver<bool>,
-    manager: JoinHandle<Result<LeaseManager, kube_lease_manager::LeaseManagerError>>,
+    manager: JoinHandle<Result<LeaseManager, LeaseManagerError>>,
 }
 
 /// A name for this instance: the pod's name in a cluster, else host and pid.
@@ -56,7 +81,7 @@ fn identity() -> String {
 pub async fn acquire(settings: &LeaderElection) -> Result<Leadership, LeaderError> {
     let client = kube::Client::try_default()
         .await
-        .map_err(LeaderError::HomeClient)?;
+        .map_err(|error| LeaderError::home_client(&error))?;
     let identity = identity();
     let manager = LeaseManagerBuilder::new(client, &settings.lease_name)
         .with_namespace(&settings.namespace)
@@ -65,11 +90,7 @@ pub async fn acquire(settings: &LeaderElection) -> Result<Leadership, LeaderErro
         .with_grace(LEASE_GRACE_SECONDS)
         .build()
         .await
-        .map_err(|source| LeaderError::Lease {
-            namespace: settings.namespace.clone(),
-            name: settings.lease_name.clone(),
-            source,
-        })?;
+        .map_err(|error| LeaderError::lease(settings, &error))?;
     let (mut state, manager) = manager.watch().await;
     info!(%identity, lease = %format!("{}/{}", settings.namespace, settings.lease_name), "waiting to become the leader");
     while !*state.borrow_and_update() {
@@ -104,5 +125,35 @@ impl Leadership {
             Ok(Err(error)) => warn!(%error, "lease manager task failed"),
             Err(_) => warn!("releasing the leader lease timed out"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `kube-prefetch run` prints (`{:#}` of the anyhow error) when the
+    /// Lease is forbidden: each cause once.
+    #[test]
+    fn lease_error_prints_its_cause_once() {
+        let status = kube::core::Status {
+            code: 403,
+            message: "leases.coordination.k8s.io \"kube-prefetch\" is forbidden: User \"x\" cannot get resource \"leases\"".into(),
+            reason: "Forbidden".into(),
+            ..kube::core::Status::default()
+        };
+        let cause = LeaseManagerError::KubeError(kube::Error::Api(Box::new(status)));
+        let error = anyhow::Error::from(LeaderError::lease(&LeaderElection::default(), &cause));
+        assert_eq!(
+            format!("{error:#}"),
+            "leader election: cannot use Lease kube-prefetch/kube-prefetch in the home cluster: leases.coordination.k8s.io \"kube-prefetch\" is forbidden: User \"x\" cannot get resource \"leases\" (HTTP 403)"
+        );
+
+        let other = LeaseManagerError::NonexistentLease("kube-prefetch".into());
+        let error = anyhow::Error::from(LeaderError::lease(&LeaderElection::default(), &other));
+        assert_eq!(
+            format!("{error:#}"),
+            "leader election: cannot use Lease kube-prefetch/kube-prefetch in the home cluster: Lease resource `kube-prefetch` doesn't exist"
+        );
     }
 }

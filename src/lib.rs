@@ -8,4 +8,5 @@ pub mod error;
 pub mod http;
 pub mod leader;
 pub mod metrics;
+pub mod names;
 pub mod pull;

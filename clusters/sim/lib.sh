@@ -62,6 +62,14 @@ pid_is_ours() {
   [[ $exe == "$SIM_CACHE_ROOT"/* ]]
 }
 
+# Process exists and is not a zombie (it may still be exec'ing into its binary).
+pid_running() {
+  local pid state
+  pid=$(cat "$1" 2>/dev/null) || return 1
+  state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) || return 1
+  [ "$state" != Z ]
+}
+
 pidfile_alive() { # pidfile
   [ -f "$1" ] && pid_is_ours "$(cat "$1")"
 }

@@ -127,6 +127,12 @@ registry_ready() { # name
   [ "$code" = 200 ] || [ "$code" = 401 ]
 }
 
+# True once a daemon started by start_daemon_in has written its pid file and
+# exited; false while it is still starting (no pid file yet) or running.
+daemon_exited() { # pidfile
+  [ -f "$1" ] && ! pid_running "$1"
+}
+
 # Starts a daemon like start_daemon, with the pid and log file in a given dir.
 start_daemon_in() { # dir name binary args...
   local dir=$1 name=$2
@@ -200,7 +206,7 @@ start_registries() {
     dir=$(registry_dir "$name")
     deadline=$((SECONDS + 30))
     until registry_ready "$name"; do
-      pidfile_alive "$dir/registry.pid" || fail_with_log "$dir/registry.log" "registry $name exited during startup"
+      if daemon_exited "$dir/registry.pid"; then fail_with_log "$dir/registry.log" "registry $name exited during startup"; fi
       [ $SECONDS -lt "$deadline" ] || fail_with_log "$dir/registry.log" "registry $name not answering on $(registry_host "$name") after 30 s"
       sleep 0.2
     done
@@ -411,7 +417,7 @@ start_containerd() { # k
   start_daemon_in "$dir" containerd env "PATH=$REAL_BIN:$PATH" "$REAL_BIN/containerd" --config "$dir/containerd/config.toml"
   deadline=$((SECONDS + 30))
   until [ -S "$dir/containerd.sock" ] && "$REAL_BIN/ctr" -a "$dir/containerd.sock" version >/dev/null 2>&1; do
-    pid_running "$dir/containerd.pid" || fail_with_log "$dir/containerd.log" "containerd of $(real_node_name "$1") exited during startup"
+    if daemon_exited "$dir/containerd.pid"; then fail_with_log "$dir/containerd.log" "containerd of $(real_node_name "$1") exited during startup"; fi
     [ $SECONDS -lt "$deadline" ] || fail_with_log "$dir/containerd.log" "containerd of $(real_node_name "$1") not answering after 30 s"
     sleep 0.2
   done
@@ -467,8 +473,9 @@ wait_real_nodes_ready() { # count
       status=$(kubectl_admin "$REAL_CLUSTER" get node "$name" -o \
         jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null || true)
       [ "$status" != True ] || break
-      pid_running "$(real_node_dir "$k")/kubelet.pid" ||
+      if daemon_exited "$(real_node_dir "$k")/kubelet.pid"; then
         fail_with_log "$(real_node_dir "$k")/kubelet.log" "kubelet of $name exited during startup"
+      fi
       [ $SECONDS -lt "$deadline" ] ||
         fail_with_log "$(real_node_dir "$k")/kubelet.log" "real node $name not Ready after 120 s (Ready=$status)"
       sleep 0.5

@@ -21,7 +21,10 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::actors::cluster::{AdoptSlot, ClusterContext, ReleaseSlot, RequestSlots};
 use crate::actors::status::{PrefetchGone, PrefetchReported, PrefetchSummary};
 use crate::actors::{delete_pull_pod, delete_pull_pod_until_gone};
-use crate::api::{Condition, Phase, Prefetch, PrefetchStatus, VerifiedRecord};
+use crate::api::{
+    Condition, MAX_PULL_TIMEOUT_SECONDS, MAX_RETRY_AFTER_SECONDS, Phase, Prefetch, PrefetchStatus,
+    VerifiedRecord,
+};
 use crate::error::{api_status_code, describe_kube_error};
 use crate::pull::index::{NodeChange, WorkloadEntry, targeting_of};
 use crate::pull::outcome::classify;
@@ -161,14 +164,16 @@ impl PrefetchActor {
 
     fn retry_after(&self) -> Duration {
         match self.prefetch.spec.retry_after {
-            Some(seconds) if seconds > 0 => Duration::from_secs(seconds.unsigned_abs()),
+            Some(seconds) if seconds > 0 => {
+                Duration::from_secs(seconds.min(MAX_RETRY_AFTER_SECONDS).unsigned_abs())
+            }
             _ => self.shared.config.defaults.retry_after,
         }
     }
 
     fn pull_timeout_seconds(&self) -> i64 {
         match self.prefetch.spec.pull_timeout_seconds {
-            Some(seconds) if seconds > 0 => seconds,
+            Some(seconds) if seconds > 0 => seconds.min(MAX_PULL_TIMEOUT_SECONDS),
             _ => i64::try_from(self.shared.config.defaults.pull_timeout.as_secs()).unwrap_or(600),
         }
     }
@@ -728,6 +733,11 @@ impl PrefetchActor {
                 "namespaces {} refused: cross-namespace prefetching is disabled by policy (policy.cross_namespace = false)",
                 self.refused_namespaces.join(", ")
             ));
+        }
+        let problems = spec.spec_problems();
+        if !problems.is_empty() {
+            phase = Phase::Failed;
+            messages.extend(problems);
         }
         if !self.workloads.errors.is_empty() {
             phase = Phase::Failed;

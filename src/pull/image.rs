@@ -9,6 +9,8 @@
 use std::collections::HashSet;
 use std::fmt;
 
+use crate::names::quoted;
+
 /// The Docker Hub registry as it appears in canonical references.
 pub const DEFAULT_REGISTRY: &str = "docker.io";
 /// The legacy Docker Hub host, folded into [`DEFAULT_REGISTRY`].
@@ -21,7 +23,7 @@ const MAX_NAME_LEN: usize = 255;
 const MAX_TAG_LEN: usize = 128;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid image reference {reference:?}: {reason}")]
+#[error("invalid image reference {}: {reason}", quoted(reference))]
 pub struct ImageRefError {
     pub reference: String,
     pub reason: String,
@@ -229,12 +231,14 @@ fn validate_tag(tag: &str) -> Result<(), String> {
         .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
     if !first_ok {
         return Err(format!(
-            "tag {tag:?} must start with a letter, digit or '_'"
+            "tag {} must start with a letter, digit or '_'",
+            quoted(tag)
         ));
     }
     if !chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) {
         return Err(format!(
-            "tag {tag:?} may contain only letters, digits, '_', '.' and '-'"
+            "tag {} may contain only letters, digits, '_', '.' and '-'",
+            quoted(tag)
         ));
     }
     Ok(())
@@ -244,14 +248,14 @@ fn validate_tag(tag: &str) -> Result<(), String> {
 /// (sha256, sha512) must have exactly their length of lowercase hex.
 fn validate_digest(digest: &str) -> Result<(), String> {
     let Some((algorithm, encoded)) = digest.split_once(':') else {
-        return Err(format!("digest {digest:?} must be algorithm:hex"));
+        return Err(format!("digest {} must be algorithm:hex", quoted(digest)));
     };
     let algorithm_ok = !algorithm.is_empty()
         && algorithm
             .split(['+', '.', '_', '-'])
             .all(|part| !part.is_empty() && part.chars().all(is_lower_alnum));
     if !algorithm_ok {
-        return Err(format!("invalid digest algorithm {algorithm:?}"));
+        return Err(format!("invalid digest algorithm {}", quoted(algorithm)));
     }
     let hex_len = match algorithm {
         "sha256" => Some(64),
@@ -276,7 +280,7 @@ fn validate_digest(digest: &str) -> Result<(), String> {
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '=' | '_' | '-'));
             if !encoded_ok {
-                return Err(format!("invalid digest value {encoded:?}"));
+                return Err(format!("invalid digest value {}", quoted(encoded)));
             }
         }
     }
@@ -307,7 +311,7 @@ fn validate_registry(registry: &str) -> Result<(), String> {
     if host_ok && port_ok {
         Ok(())
     } else {
-        Err(format!("invalid registry host {registry:?}"))
+        Err(format!("invalid registry host {}", quoted(registry)))
     }
 }
 
@@ -326,16 +330,20 @@ fn is_dns_name(host: &str) -> bool {
 /// runs of `-`, separated by `/`.
 fn validate_repository(path: &str) -> Result<(), String> {
     if path.chars().any(|c| c.is_ascii_uppercase()) {
-        return Err(format!("repository {path:?} must be lowercase"));
+        return Err(format!("repository {} must be lowercase", quoted(path)));
     }
     for component in path.split('/') {
         if component.is_empty() {
-            return Err(format!("repository {path:?} has an empty path component"));
+            return Err(format!(
+                "repository {} has an empty path component",
+                quoted(path)
+            ));
         }
         if !is_path_component(component) {
             return Err(format!(
-                "repository component {component:?} must be lowercase letters and digits \
-                 separated by '.', '_', '__' or '-'"
+                "repository component {} must be lowercase letters and digits \
+                 separated by '.', '_', '__' or '-'",
+                quoted(component)
             ));
         }
     }
@@ -522,6 +530,24 @@ mod tests {
         assert!(normalize(&format!("ghcr.io/{}", "a".repeat(250))).is_err());
     }
 
+    /// 256 such references end up in one status: each message stays short.
+    #[test]
+    fn long_references_are_quoted_short() {
+        let long = format!("Registry.example/{}", "A".repeat(4096));
+        let error = err(&long);
+        assert_eq!(error.reference, long, "the full reference is kept");
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "invalid image reference \"Registry.example/{}\"... (4113 characters): repository \"{}\"... (4096 characters) must be lowercase",
+                "A".repeat(83),
+                "A".repeat(100)
+            )
+        );
+        let garbage = "x".repeat(4096) + " y";
+        assert!(err(&garbage).to_string().len() < 200);
+    }
+
     #[test]
     fn error_display_names_the_reference() {
         let error = err("Bad");
@@ -645,5 +671,69 @@ mod tests {
     fn node_image_ignores_garbage() {
         assert!(!node_has_image(&names(&["", "Not Valid"]), &ok("nginx")));
         assert!(!node_has_image(&names(&["nginx"]), "Not Valid"));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// References shaped like real ones (registry, path, tag, digest),
+        /// so that most parse and idempotence is really exercised.
+        fn reference_like() -> impl Strategy<Value = String> {
+            (
+                prop::option::of("(localhost|index\\.docker\\.io|docker\\.io|[a-zA-Z0-9]([a-zA-Z0-9-]{0,6}[a-zA-Z0-9])?\\.[a-z]{2,3})(:[0-9]{1,5})?"),
+                "[a-z0-9]{1,6}([._-][a-z0-9]{1,4})?(/[a-z0-9]{1,6}([_-][a-z0-9]{1,3})?){0,2}",
+                prop::option::of("[A-Za-z0-9_][A-Za-z0-9_.-]{0,12}"),
+                prop::option::of("(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})"),
+            )
+                .prop_map(|(registry, path, tag, digest)| {
+                    let mut reference = String::new();
+                    if let Some(registry) = registry {
+                        reference.push_str(&registry);
+                        reference.push('/');
+                    }
+                    reference.push_str(&path);
+                    if let Some(tag) = tag {
+                        reference.push(':');
+                        reference.push_str(&tag);
+                    }
+                    if let Some(digest) = digest {
+                        reference.push('@');
+                        reference.push_str(&digest);
+                    }
+                    reference
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Any text: no panic, and a canonical form is its own
+            /// canonical form.
+            #[test]
+            fn normalise_never_panics_and_is_idempotent(
+                reference in prop_oneof![reference_like(), "[ -~]{0,40}", any::<String>()]
+            ) {
+                if let Ok(canonical) = normalize(&reference) {
+                    prop_assert_eq!(normalize(&canonical), Ok(canonical.clone()));
+                    // And a node reporting it has it.
+                    prop_assert!(node_has_image(std::slice::from_ref(&canonical), &canonical));
+                }
+            }
+
+            /// Every well-formed reference parses, to a fully qualified
+            /// form keeping its tag and digest.
+            #[test]
+            fn well_formed_references_parse(reference in reference_like()) {
+                let canonical = normalize(&reference);
+                prop_assert!(canonical.is_ok(), "{}: {:?}", reference, canonical);
+                let canonical = canonical.unwrap_or_default();
+                if let Some((_, digest)) = reference.split_once('@') {
+                    prop_assert!(canonical.ends_with(&format!("@{digest}")), "{}", canonical);
+                }
+                let registry = canonical.split('/').next().unwrap_or_default();
+                prop_assert!(registry.contains('.') || registry.starts_with("localhost"), "{}", canonical);
+            }
+        }
     }
 }

@@ -172,10 +172,7 @@ impl NodeChange {
 
 /// The node targeting of `spec`.
 pub fn targeting_of(spec: &PrefetchSpec) -> NodeTargeting {
-    NodeTargeting {
-        node_filter: spec.node_filter.clone(),
-        node_selector: spec.node_selector.clone(),
-    }
+    NodeTargeting::from_spec(spec)
 }
 
 /// A workload's place: (namespace, name) within one kind.
@@ -207,6 +204,10 @@ impl WorkloadSelector {
     /// policy refuses are left out (the Prefetch reports them).
     pub fn for_spec(spec: &PrefetchSpec, own_namespace: &str, cross_namespace: bool) -> Self {
         let (namespaces, _refused) = spec.workload_namespaces(own_namespace, cross_namespace);
+        // An invalid label key selects nothing (the status says why).
+        if spec.label_selector().is_err() {
+            return WorkloadSelector::default();
+        }
         WorkloadSelector {
             kinds: spec.selected_workload_kinds().into_iter().collect(),
             namespaces: namespaces.into_iter().collect(),

@@ -78,14 +78,14 @@ pub fn tolerate_everything() -> Toleration {
 /// For every node passing `targeting`: each workload whose scheduling allows
 /// the node (when `respect_scheduling`) contributes its images, pulled in its
 /// namespace with its secrets, service account and tolerations; then every
-/// extra image is added in `extra.namespace` with `extra`'s secrets (extras
-/// only need targeting). With `tolerate_all_taints` each pull pod gets one
+/// extra image is added in `extra.namespace` with `extra`'s secrets on the
+/// nodes whose taints the Prefetch's own `targeting.tolerations` tolerate. With `tolerate_all_taints` each pull pod gets one
 /// toleration of everything instead. When two sources give the same pair the
 /// first wins: workloads in the given order, then extras.
 ///
-/// `nodes` holds every node passing targeting, except that when there are
-/// workloads a node also needs at least one workload allowed on it or at
-/// least one valid extra image (i.e. it has or could have pairs).
+/// `nodes` holds every node passing targeting that has or could have
+/// pairs: a workload allowed on it, or valid extra images allowed there;
+/// with neither workloads nor extra images, every targeted node.
 pub fn desired_pulls(
     nodes: &[NodeView],
     workloads: &[WorkloadImages],
@@ -186,7 +186,9 @@ impl Planner {
                 image_pull_secrets: extra.image_pull_secrets.clone(),
                 service_account: None,
                 scheduling: None,
-                tolerations: tolerations_for(&[]),
+                // The Prefetch's own images have no workload to follow: its
+                // own tolerations decide which tainted nodes they go to.
+                tolerations: tolerations_for(&targeting.tolerations),
                 images: extra_images,
             });
         }
@@ -206,15 +208,23 @@ impl Planner {
         if !self.targeting.targets(node) {
             return None;
         }
-        let mut any_workload_allowed = false;
+        let mut any_allowed = false;
+        let own_images_allowed = self.has_extras && self.targeting.allows_own_images(node);
+        let workload_count = self.sources.len() - usize::from(self.has_extras);
         let mut pairs: Vec<PullTarget> = Vec::new();
-        for source in &self.sources {
-            if let Some(scheduling) = &source.scheduling
-                && !scheduling.allows(node)
-            {
+        for (index, source) in self.sources.iter().enumerate() {
+            let allowed = if index >= workload_count {
+                own_images_allowed
+            } else {
+                source
+                    .scheduling
+                    .as_ref()
+                    .is_none_or(|scheduling| scheduling.allows(node))
+            };
+            if !allowed {
                 continue;
             }
-            any_workload_allowed = true;
+            any_allowed = true;
             for image in &source.images {
                 // First source wins; a node has at most a few dozen pairs.
                 if pairs.iter().any(|pair| pair.image == *image) {
@@ -230,7 +240,8 @@ impl Planner {
                 });
             }
         }
-        (!self.has_workloads || any_workload_allowed || self.has_extras).then_some(pairs)
+        let nothing_to_pull = !self.has_workloads && !self.has_extras;
+        (any_allowed || nothing_to_pull).then_some(pairs)
     }
 
     /// The whole desired set over `nodes`.
@@ -595,6 +606,7 @@ mod tests {
         let targeting = NodeTargeting {
             node_filter: None,
             node_selector: BTreeMap::from([("pool".to_string(), "edge".to_string())]),
+            ..NodeTargeting::default()
         };
         let nodes = [
             node("a", &[("pool", "edge")]),

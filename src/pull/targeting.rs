@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::api::PrefetchSpec;
 use crate::pull::image::NodeImages;
 use k8s_openapi::api::core::v1::{
     Node, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PodSpec, Taint, Toleration,
@@ -56,15 +57,35 @@ impl NodeView {
     }
 }
 
-/// The Prefetch's own node targeting: `node_filter` and `node_selector`.
+/// The Prefetch's own node targeting: `node_filter`, `node_selector`, and
+/// the `tolerations` its own `images` may use.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NodeTargeting {
     /// Substring of the node name (the original operator's semantics).
     pub node_filter: Option<String>,
     pub node_selector: BTreeMap<String, String>,
+    /// Taints the Prefetch's own `images` may be pulled past; workload
+    /// images follow their workload's tolerations instead.
+    pub tolerations: Vec<Toleration>,
 }
 
 impl NodeTargeting {
+    pub fn from_spec(spec: &PrefetchSpec) -> Self {
+        NodeTargeting {
+            node_filter: spec.node_filter.clone(),
+            node_selector: spec.node_selector.clone(),
+            tolerations: spec.tolerations.clone(),
+        }
+    }
+
+    /// Whether the Prefetch's own `images` may be pulled on `node`: it is
+    /// targeted (so Ready and not cordoned), and the Prefetch tolerates its
+    /// NoSchedule/NoExecute taints. Pull pods set `spec.nodeName`, which
+    /// bypasses the scheduler, so this check is the only one.
+    pub fn allows_own_images(&self, node: &NodeView) -> bool {
+        self.targets(node) && taints_tolerated(&node.taints, &self.tolerations)
+    }
+
     /// Name contains the filter (None or "" = any), labels include every
     /// selector pair, and the node is Ready and not cordoned: a pull pod on a
     /// NotReady or cordoned node would only hang until its deadline.
@@ -422,6 +443,7 @@ mod tests {
         let targeting = NodeTargeting {
             node_filter: None,
             node_selector: labels(&[("pool", "gpu"), ("zone", "a")]),
+            ..NodeTargeting::default()
         };
         let mut gpu = node("n1");
         gpu.labels = labels(&[("pool", "gpu"), ("zone", "a"), ("extra", "x")]);
@@ -442,6 +464,140 @@ mod tests {
         let mut cordoned = gpu.clone();
         cordoned.unschedulable = true;
         assert!(!targeting.targets(&cordoned));
+    }
+
+    #[test]
+    fn own_images_respect_taints_and_readiness() {
+        let targeting = NodeTargeting::default();
+        let control_plane = NodeView {
+            taints: vec![taint(
+                "node-role.kubernetes.io/control-plane",
+                None,
+                "NoSchedule",
+            )],
+            ..node("sim-1-control-plane")
+        };
+        let worker = node("sim-1-worker");
+        let not_ready = NodeView {
+            ready: false,
+            ..node("sim-1-worker2")
+        };
+        let evicting = NodeView {
+            taints: vec![taint("maintenance", Some("now"), "NoExecute")],
+            ..node("sim-1-worker3")
+        };
+        let preferring = NodeView {
+            taints: vec![taint("spot", Some("true"), "PreferNoSchedule")],
+            ..node("sim-1-worker4")
+        };
+        assert!(targeting.allows_own_images(&worker));
+        assert!(targeting.allows_own_images(&preferring));
+        assert!(!targeting.allows_own_images(&control_plane));
+        assert!(!targeting.allows_own_images(&not_ready));
+        assert!(!targeting.allows_own_images(&evicting));
+
+        // The opt-in: tolerations on the Prefetch.
+        let opted_in = NodeTargeting {
+            tolerations: vec![toleration(
+                Some("node-role.kubernetes.io/control-plane"),
+                Some("Exists"),
+                None,
+                Some("NoSchedule"),
+            )],
+            ..NodeTargeting::default()
+        };
+        assert!(opted_in.allows_own_images(&control_plane));
+        assert!(!opted_in.allows_own_images(&evicting));
+        assert!(
+            !opted_in.allows_own_images(&NodeView {
+                ready: false,
+                ..control_plane.clone()
+            }),
+            "a toleration never makes a NotReady node a target"
+        );
+    }
+
+    /// The plan of a Prefetch with only `images`: no pull pod on a tainted
+    /// or NotReady node unless its tolerations opt in, and then the pull
+    /// pods carry them.
+    #[test]
+    fn images_only_prefetch_plans_no_pull_on_tainted_or_not_ready_nodes() {
+        use crate::pull::plan::{ExtraImages, desired_pulls};
+        let control_plane = NodeView {
+            taints: vec![taint(
+                "node-role.kubernetes.io/control-plane",
+                None,
+                "NoSchedule",
+            )],
+            ..node("sim-1-control-plane")
+        };
+        let not_ready = NodeView {
+            ready: false,
+            ..node("sim-1-worker2")
+        };
+        let nodes = [control_plane, node("sim-1-worker"), not_ready];
+        let images = ExtraImages {
+            images: vec!["busybox:1.36".into()],
+            namespace: "team".into(),
+            image_pull_secrets: Vec::new(),
+        };
+        let planned = |targeting: &NodeTargeting, tolerate_all: bool| {
+            let desired = desired_pulls(&nodes, &[], &images, targeting, true, tolerate_all);
+            let pairs: Vec<(String, Vec<Toleration>)> = desired
+                .pairs
+                .values()
+                .map(|target| (target.node.clone(), target.tolerations.clone()))
+                .collect();
+            (pairs, desired.nodes.into_iter().collect::<Vec<_>>())
+        };
+
+        let (pairs, targeted) = planned(&NodeTargeting::default(), false);
+        assert_eq!(pairs, vec![("sim-1-worker".to_string(), vec![])]);
+        assert_eq!(targeted, vec!["sim-1-worker"]);
+        // tolerate_all_taints shapes the pull pod, not where it goes.
+        let (pairs, _) = planned(&NodeTargeting::default(), true);
+        assert_eq!(pairs.len(), 1);
+
+        let control_plane_toleration = toleration(
+            Some("node-role.kubernetes.io/control-plane"),
+            Some("Exists"),
+            None,
+            Some("NoSchedule"),
+        );
+        let opted_in = NodeTargeting {
+            tolerations: vec![control_plane_toleration.clone()],
+            ..NodeTargeting::default()
+        };
+        let (pairs, targeted) = planned(&opted_in, false);
+        assert_eq!(
+            pairs,
+            vec![
+                (
+                    "sim-1-control-plane".to_string(),
+                    vec![control_plane_toleration.clone()]
+                ),
+                ("sim-1-worker".to_string(), vec![control_plane_toleration]),
+            ]
+        );
+        assert_eq!(targeted, vec!["sim-1-control-plane", "sim-1-worker"]);
+    }
+
+    #[test]
+    fn targeting_from_spec() {
+        let spec = PrefetchSpec {
+            node_filter: Some("worker".into()),
+            node_selector: labels(&[("zone", "a")]),
+            tolerations: vec![toleration(None, Some("Exists"), None, None)],
+            ..PrefetchSpec::default()
+        };
+        assert_eq!(
+            NodeTargeting::from_spec(&spec),
+            NodeTargeting {
+                node_filter: Some("worker".into()),
+                node_selector: labels(&[("zone", "a")]),
+                tolerations: vec![toleration(None, Some("Exists"), None, None)],
+            }
+        );
     }
 
     #[test]

@@ -145,6 +145,9 @@ max_attempts = {attempts}
 
 [policy]
 cross_namespace = {cross}
+# The fake-node tests check the helper method's pod shape; tests/real_nodes.rs
+# runs both methods on a real kubelet.
+pull_method = "helper"
 helper_image = "{HELPER_IMAGE}"
 
 {kubeconfig}

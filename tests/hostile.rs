@@ -1,0 +1,525 @@
+//! Hostile and broken input (issue 8): what a person sees when a value or a
+//! Prefetch is wrong. The command-line tests need no cluster (they point at
+//! a closed port); the Prefetch tests run against the sim clusters.
+
+mod harness;
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use harness::*;
+use k8s_openapi::api::core::v1::Toleration;
+use kube::api::PostParams;
+use kube_prefetch::api::{Phase, Prefetch};
+use serde_json::json;
+
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The API server's note when a CEL rule (the label keys') was skipped
+/// because a simpler check already failed.
+const NOT_CHECKED: &str = ", <nil>: Invalid value: null: some validation rules were not checked because the object was invalid; correct the existing errors to complete validation]";
+
+fn prefetch_json(name: &str, spec: serde_json::Value) -> serde_json::Value {
+    json!({
+        "apiVersion": "cache.techsquad.rocks/v1",
+        "kind": "Prefetch",
+        "metadata": { "name": name },
+        "spec": spec,
+    })
+}
+
+/// The message of the API server's refusal, as `kubectl` shows it.
+fn api_server_message(error: &anyhow::Error) -> String {
+    error
+        .chain()
+        .find_map(|cause| match cause.downcast_ref::<kube::Error>() {
+            Some(kube::Error::Api(status)) => Some(status.message.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| format!("not an API server refusal: {error:#}"))
+}
+
+/// A kubeconfig whose one context, `dead`, points at a closed port.
+const DEAD_KUBECONFIG: &str = "apiVersion: v1
+kind: Config
+clusters:
+- name: dead
+  cluster:
+    server: https://127.0.0.1:1
+contexts:
+- name: dead
+  context:
+    cluster: dead
+    user: dead
+current-context: dead
+users:
+- name: dead
+  user:
+    token: x
+";
+
+/// Writes the dead kubeconfig and a config naming it into `dir`.
+fn dead_cluster_config(dir: &Path, extra: &str) -> std::path::PathBuf {
+    std::fs::write(dir.join("kubeconfig"), DEAD_KUBECONFIG).expect("write kubeconfig");
+    let config = dir.join("kube-prefetch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n{extra}\n[[kubeconfig]]\npath = \"kubeconfig\"\n"
+        ),
+    )
+    .expect("write config");
+    config
+}
+
+/// Runs the binary with stdout and stderr captured (pipes, not terminals),
+/// without any KUBE_PREFETCH__ override from the caller's environment.
+fn kube_prefetch(args: &[&str], env: &[(&str, &Path)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kube-prefetch"));
+    command.args(args).env_remove("NO_COLOR");
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("KUBE_PREFETCH__") {
+            command.env_remove(name);
+        }
+    }
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.output().expect("running kube-prefetch")
+}
+
+#[test]
+fn check_into_a_pipe_prints_no_colour_codes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dead_cluster_config(dir.path(), "");
+    let output = kube_prefetch(&["check", "--config", &config.to_string_lossy()], &[]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.starts_with(&format!(
+            "config {} is valid: 1 cluster(s)\ndead: PROBLEM\n  unreachable: ",
+            config.display()
+        )),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains('\x1b'),
+        "colour codes on stdout: {stdout:?}"
+    );
+    assert!(
+        !stderr.contains('\x1b'),
+        "colour codes on stderr: {stderr:?}"
+    );
+}
+
+#[test]
+fn leader_election_start_up_error_prints_its_cause_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dead_cluster_config(dir.path(), "[leader_election]\nenabled = true\n");
+    let kubeconfig = dir.path().join("kubeconfig");
+    let output = kube_prefetch(
+        &["run", "--config", &config.to_string_lossy()],
+        &[("KUBECONFIG", &kubeconfig)],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert_eq!(
+        last,
+        "kube-prefetch: error: leader election: cannot use Lease kube-prefetch/kube-prefetch in the home cluster: ServiceError: client error (Connect): tcp connect error: Connection refused (os error 111)"
+    );
+}
+
+#[test]
+fn check_refuses_a_bad_value_naming_file_line_and_column() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dead_cluster_config(dir.path(), "[defaults]\napi_qps = 1e-20\n");
+    let output = kube_prefetch(&["check", "--config", &config.to_string_lossy()], &[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert_eq!(
+        stderr.trim_end(),
+        format!(
+            "kube-prefetch: error: {}:4:11: defaults.api_qps must be a number from 0.1 to 10000 requests per second, found 1e-20",
+            config.display()
+        )
+    );
+}
+
+/// The schema's limits, as the real API server applies them: an over-limit
+/// or bad-key Prefetch is refused with the schema's message, and one right
+/// at the limits is accepted (so the CEL rule fits the cost budget).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_limit_or_bad_key_prefetches_are_refused_by_the_api_server() -> Result<()> {
+    let _serial = setup().await;
+    let cluster = support::cluster_names()[0].clone();
+    let ns = support::TestNamespace::create(&cluster, "limits").await?;
+    let prefetches = ns.api::<Prefetch>();
+
+    let images: Vec<String> = (0..257).map(|i| format!("busybox:{i}")).collect();
+    let secrets: Vec<String> = (0..65).map(|i| format!("secret-{i}")).collect();
+    let cases = [
+        (
+            "too-many-images",
+            json!({ "images": images }),
+            "[spec.images: Too many: 257: must have at most 256 items{NOT_CHECKED}",
+        ),
+        (
+            "long-image",
+            json!({ "images": ["a".repeat(4097)] }),
+            "[spec.images[0]: Too long: may not be more than 4096 bytes{NOT_CHECKED}",
+        ),
+        (
+            "repeated-kind",
+            json!({ "filter_by_labels": { "app": "web" }, "workload_kinds": ["Deployment", "Job", "Deployment"] }),
+            "spec.workload_kinds[2]: Duplicate value: \"Deployment\"",
+        ),
+        (
+            "bad-filter-key",
+            json!({ "filter_by_labels": { "app!": "web" } }),
+            "spec.filter_by_labels: Invalid value: keys must be label keys: an optional DNS subdomain prefix and '/', then at most 63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit",
+        ),
+        (
+            "bad-node-selector-key",
+            json!({ "node_selector": { "zone/": "a" } }),
+            "spec.node_selector: Invalid value: keys must be label keys: an optional DNS subdomain prefix and '/', then at most 63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit",
+        ),
+        (
+            "bad-namespace",
+            json!({ "namespaces": ["Team_A"] }),
+            "spec.namespaces[0]: Invalid value: \"Team_A\": spec.namespaces[0] in body should match '^[a-z0-9]([-a-z0-9]*[a-z0-9])?$'",
+        ),
+        (
+            "too-many-secrets",
+            json!({ "image_pull_secrets": secrets }),
+            "[spec.image_pull_secrets: Too many: 65: must have at most 64 items{NOT_CHECKED}",
+        ),
+        (
+            "huge-parallel",
+            json!({ "max_parallel": 2147483647 }),
+            "spec.max_parallel: Invalid value: 2147483647: spec.max_parallel in body should be less than or equal to 10000",
+        ),
+        (
+            "huge-retry",
+            json!({ "retry_after": 9223372036854775807_i64 }),
+            "spec.retry_after: Invalid value: 9223372036854775807: spec.retry_after in body should be less than or equal to 2592000",
+        ),
+    ];
+    let mut mismatches = Vec::new();
+    for (name, spec, expected) in cases {
+        // A plain create, as `kubectl create` (or `kubectl apply` of a new
+        // object) sends it.
+        let object: Prefetch = serde_json::from_value(prefetch_json(name, spec))?;
+        let refused = prefetches.create(&PostParams::default(), &object).await;
+        let message = match refused {
+            Ok(_) => "accepted".to_string(),
+            Err(error) => api_server_message(&error.into()),
+        };
+        let expected = format!(
+            "Prefetch.cache.techsquad.rocks \"{name}\" is invalid: {}",
+            expected.replace("{NOT_CHECKED}", NOT_CHECKED)
+        );
+        if message != expected {
+            mismatches.push(format!(
+                "{name}:\n  got      {message}\n  expected {expected}"
+            ));
+        }
+    }
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+
+    let at_limits = prefetch_json(
+        "at-the-limits",
+        json!({
+            "images": (0..256).map(|i| format!("busybox:{i}")).collect::<Vec<_>>(),
+            "filter_by_labels": (0..64)
+                .map(|i| (format!("team-{i}.example.com/{}", "k".repeat(63)), "v".repeat(63)))
+                .collect::<std::collections::BTreeMap<_, _>>(),
+            "workload_kinds": ["Deployment", "StatefulSet", "DaemonSet", "CronJob", "Job"],
+            "namespaces": (0..64).map(|i| format!("ns-{i}")).collect::<Vec<_>>(),
+            "tolerations": [{ "key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule" }],
+            "max_parallel": 10000,
+            "retry_after": 2592000,
+        }),
+    );
+    apply(&prefetches, at_limits)
+        .await
+        .context("a Prefetch right at the limits was refused")?;
+    ns.cleanup().await?;
+    Ok(())
+}
+
+/// A Prefetch with only `images` keeps off the NoSchedule-tainted
+/// control-plane node; one whose `tolerations` tolerate the taint gets it,
+/// and its pull pod carries the toleration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_only_prefetch_keeps_off_tainted_nodes_unless_tolerated() -> Result<()> {
+    let _serial = setup().await;
+    let cluster = support::cluster_names()[0].clone();
+    let ns = support::TestNamespace::create(&cluster, "taints").await?;
+    let client = ns.client();
+    let log = PodLog::start(client.clone()).await?;
+    let prefetches = ns.api::<Prefetch>();
+    // Tags of this run only: no node reports them already.
+    let plain_image = format!("registry.example/hostile/plain:{}", ns.name());
+    let tolerating_image = format!("registry.example/hostile/tolerating:{}", ns.name());
+    let control_plane_toleration: Toleration = serde_json::from_value(json!({
+        "key": "node-role.kubernetes.io/control-plane",
+        "operator": "Exists",
+        "effect": "NoSchedule",
+    }))?;
+    apply(
+        &prefetches,
+        prefetch_json("plain", json!({ "images": [plain_image] })),
+    )
+    .await?;
+    apply(
+        &prefetches,
+        prefetch_json(
+            "tolerating",
+            json!({ "images": [tolerating_image], "tolerations": [control_plane_toleration] }),
+        ),
+    )
+    .await?;
+    let kubeconfig = support::kubeconfig_path().display().to_string();
+    let _orchestrator = Orchestrator::start(
+        "taints",
+        Options {
+            kubeconfig_toml: Some(format!(
+                "[[kubeconfig]]\npath = {kubeconfig:?}\ncontexts = [{cluster:?}]\n"
+            )),
+            ..Options::default()
+        },
+    )
+    .await?;
+
+    let workers: BTreeSet<String> = workers(&cluster).into_iter().collect();
+    let control_plane = format!("{cluster}-control-plane");
+    let plain = wait_phase(&client, ns.name(), "plain", Phase::Ready, READY_TIMEOUT).await?;
+    assert_eq!(plain.nodes as usize, workers.len(), "{plain:?}");
+    let tolerating = wait_phase(
+        &client,
+        ns.name(),
+        "tolerating",
+        Phase::Ready,
+        READY_TIMEOUT,
+    )
+    .await?;
+    assert_eq!(
+        tolerating.nodes as usize,
+        workers.len() + 1,
+        "{tolerating:?}"
+    );
+
+    let pulled_on = |image: &str| -> BTreeSet<String> {
+        log.pods_in(ns.name())
+            .into_iter()
+            .filter(|pod| {
+                pod.image
+                    .ends_with(image.rsplit('/').next().unwrap_or(image))
+            })
+            .map(|pod| pod.node)
+            .collect()
+    };
+    assert_eq!(pulled_on(&plain_image), workers, "plain pull pods");
+    let mut everywhere = workers.clone();
+    everywhere.insert(control_plane.clone());
+    assert_eq!(
+        pulled_on(&tolerating_image),
+        everywhere,
+        "tolerating pull pods"
+    );
+    let on_control_plane = log
+        .pods_in(ns.name())
+        .into_iter()
+        .find(|pod| pod.node == control_plane)
+        .context("no pull pod on the control plane")?;
+    let tolerations = on_control_plane
+        .pod
+        .spec
+        .and_then(|spec| spec.tolerations)
+        .unwrap_or_default();
+    assert!(
+        tolerations.contains(&control_plane_toleration),
+        "{tolerations:?}"
+    );
+    ns.cleanup().await?;
+    Ok(())
+}
+
+/// A Prefetch stored before the schema checked label keys (here: the CEL
+/// rule is removed for a moment) must not turn `app!` into the selector
+/// `app!=web`, which would pull the images of every workload whose app is
+/// not web. It is FAILED, its status names the key, nothing is pulled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_bad_label_key_selects_nothing_and_is_reported() -> Result<()> {
+    let _serial = setup().await;
+    let cluster = support::cluster_names()[0].clone();
+    let client = support::client(&cluster).await;
+    let ns = support::TestNamespace::create(&cluster, "badkey").await?;
+    let log = PodLog::start(client.clone()).await?;
+
+    let restore_crd = support::Cleanup::new(&cluster, "the Prefetch CRD", |client| async move {
+        install_crd(&client).await
+    });
+    let mut lax = serde_json::to_value(<Prefetch as kube::CustomResourceExt>::crd())?;
+    let filter = &mut lax["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        ["properties"]["filter_by_labels"];
+    filter
+        .as_object_mut()
+        .context("filter_by_labels in the CRD schema")?
+        .remove("x-kubernetes-validations");
+    let crds: kube::Api<
+        k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    > = kube::Api::all(client.clone());
+    crds.patch(
+        "prefetches.cache.techsquad.rocks",
+        &kube::api::PatchParams::apply("kube-prefetch-tests").force(),
+        &kube::api::Patch::Apply(&lax),
+    )
+    .await
+    .context("relaxing the CRD")?;
+    let prefetches = ns.api::<Prefetch>();
+    let other_image = format!("registry.example/hostile/other:{}", ns.name());
+    let deployments = ns.api::<k8s_openapi::api::apps::v1::Deployment>();
+    apply(
+        &deployments,
+        json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": { "name": "other", "labels": { "app": "other" } },
+            "spec": {
+                "replicas": 1,
+                "selector": { "matchLabels": { "app": "other" } },
+                "template": {
+                    "metadata": { "labels": { "app": "other" } },
+                    "spec": { "containers": [{ "name": "app", "image": other_image }] },
+                },
+            },
+        }),
+    )
+    .await?;
+    apply(
+        &prefetches,
+        prefetch_json("bad-key", json!({ "filter_by_labels": { "app!": "web" } })),
+    )
+    .await
+    .context("the relaxed CRD refused the bad key")?;
+    restore_crd.run().await?;
+
+    let kubeconfig = support::kubeconfig_path().display().to_string();
+    let _orchestrator = Orchestrator::start(
+        "badkey",
+        Options {
+            kubeconfig_toml: Some(format!(
+                "[[kubeconfig]]\npath = {kubeconfig:?}\ncontexts = [{cluster:?}]\n"
+            )),
+            ..Options::default()
+        },
+    )
+    .await?;
+    let status = wait_phase(&client, ns.name(), "bad-key", Phase::Failed, READY_TIMEOUT).await?;
+    assert_eq!(
+        status.message.as_deref(),
+        Some(
+            "filter_by_labels: key \"app!\" is not a label key: an optional DNS subdomain prefix and '/', then at most 63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit; no workload is selected"
+        )
+    );
+    // Long enough for a watch on `app!=web` to have found `other`.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pulled: Vec<String> = log
+        .pods_in(ns.name())
+        .into_iter()
+        .map(|pod| format!("{} on {}", pod.image, pod.node))
+        .collect();
+    assert!(pulled.is_empty(), "pulled: {pulled:?}");
+    ns.cleanup().await?;
+    Ok(())
+}
+
+/// A NotReady node gets no pull pod for a Prefetch's `images`, even when
+/// the Prefetch tolerates every taint: nothing would pull there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_only_prefetch_keeps_off_not_ready_nodes() -> Result<()> {
+    let _serial = setup().await;
+    let cluster = support::cluster_names()[0].clone();
+    let ns = support::TestNamespace::create(&cluster, "notready").await?;
+    let client = ns.client();
+    let log = PodLog::start(client.clone()).await?;
+
+    // No kwok annotation: no simulated kubelet keeps this node Ready.
+    let node_name = support::unique_name("hostile-notready");
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
+    apply(
+        &nodes,
+        json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": { "name": node_name, "labels": { "kubernetes.io/os": "linux" } },
+        }),
+    )
+    .await?;
+    let remove_node = {
+        let node_name = node_name.clone();
+        support::Cleanup::new(&cluster, format!("node {node_name}"), |client| async move {
+            let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
+            let _ = nodes
+                .delete(&node_name, &kube::api::DeleteParams::default())
+                .await;
+            Ok(())
+        })
+    };
+    let not_ready = json!({ "status": { "conditions": [{ "type": "Ready", "status": "False", "reason": "KubeletNotReady", "message": "set by the test" }] } });
+    nodes
+        .patch_status(
+            &node_name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&not_ready),
+        )
+        .await?;
+
+    let image = format!("registry.example/hostile/notready:{}", ns.name());
+    apply(
+        &ns.api::<Prefetch>(),
+        prefetch_json(
+            "everywhere",
+            json!({ "images": [image], "tolerations": [{ "operator": "Exists" }] }),
+        ),
+    )
+    .await?;
+    let kubeconfig = support::kubeconfig_path().display().to_string();
+    let _orchestrator = Orchestrator::start(
+        "notready",
+        Options {
+            kubeconfig_toml: Some(format!(
+                "[[kubeconfig]]\npath = {kubeconfig:?}\ncontexts = [{cluster:?}]\n"
+            )),
+            ..Options::default()
+        },
+    )
+    .await?;
+    let status = wait_phase(
+        &client,
+        ns.name(),
+        "everywhere",
+        Phase::Ready,
+        READY_TIMEOUT,
+    )
+    .await?;
+    let mut ready_nodes: BTreeSet<String> = workers(&cluster).into_iter().collect();
+    ready_nodes.insert(format!("{cluster}-control-plane"));
+    assert_eq!(status.nodes as usize, ready_nodes.len(), "{status:?}");
+    let pulled_on: BTreeSet<String> = log
+        .pods_in(ns.name())
+        .into_iter()
+        .map(|pod| pod.node)
+        .collect();
+    assert_eq!(pulled_on, ready_nodes);
+    remove_node.run().await?;
+    ns.cleanup().await?;
+    Ok(())
+}

@@ -21,11 +21,14 @@ use k8s_openapi::api::core::v1::{
     NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, Taint, Toleration,
 };
 use kube_prefetch::api::WorkloadKind;
+use kube_prefetch::pull::dispatch::DispatchQueue;
 use kube_prefetch::pull::image::{NodeImages, node_has_image, normalize};
-use kube_prefetch::pull::plan::{DesiredSet, ExtraImages, PairKey, PullTarget, desired_pulls};
+use kube_prefetch::pull::plan::{
+    DesiredSet, ExtraImages, PairKey, Planner, PullTarget, desired_pulls,
+};
 use kube_prefetch::pull::podspec::{PullMethod, PullPodParams, build_pull_pod};
 use kube_prefetch::pull::targeting::{NodeTargeting, NodeView, SchedulingConstraints};
-use kube_prefetch::pull::tracker::{BackoffPolicy, Budget, Outcome, Tracker, select_dispatch};
+use kube_prefetch::pull::tracker::{BackoffPolicy, Outcome, Tracker};
 use kube_prefetch::pull::workload::WorkloadImages;
 
 // ---------------------------------------------------------------------------
@@ -819,13 +822,15 @@ fn main() {
         tracker.in_flight_count()
     });
     bench.run(
-        "due + select_dispatch 25k, 100 slots",
+        "due + DispatchQueue::grant 25k, 100 slots",
         1,
-        "one dispatch round",
+        "one dispatch round: due, 400 candidates, grant",
         || {
-            let due = tracker.due(black_box(later), retry_after);
-            let mut budget = Budget::new(1, 100);
-            select_dispatch(&due, 100, &mut budget)
+            let mut due = tracker.due(black_box(later), retry_after);
+            due.truncate(400);
+            let mut queue = DispatchQueue::new(1, 100);
+            queue.request("prefetch", due, 100);
+            queue.grant()
         },
     );
     // The node names of `full_desired_set`, with a busy node's reported
@@ -903,6 +908,32 @@ fn main() {
                 }
             }
             desired
+        },
+    );
+
+    // What a node event costs now: that node's pairs alone, as
+    // PrefetchActor::replan does it for a dirty node.
+    let planner = Planner::new(workloads.iter(), &extra, targeting.clone(), true, false);
+    let node_list: Vec<NodeView> = fleet.values().cloned().collect();
+    let settled = planner.plan(node_list.iter());
+    let mut node_tracker = replan_tracker.clone();
+    node_tracker.set_desired(&settled);
+    let changed = node_list.get(node_list.len() / 2).cloned().expect("a node");
+    bench.run_with_setup(
+        "replan 500 nodes, one node event",
+        1,
+        "plan the node, replace its pairs, track, image check",
+        || (settled.clone(), node_tracker.clone()),
+        |(desired, tracker)| {
+            let plan = planner.plan_node(black_box(&changed));
+            desired.replace_node(&changed.name, plan);
+            tracker.set_node_desired(&changed.name, desired);
+            let keys: Vec<PairKey> = desired.node_keys(&changed.name).cloned().collect();
+            for key in &keys {
+                if changed.images.contains(&key.image) {
+                    tracker.node_reports_image(key, later);
+                }
+            }
         },
     );
 

@@ -282,6 +282,19 @@ pub struct PrefetchStatus {
     pub last_sync_time: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// What was verified and since when, so a restarted process does not
+    /// pull it again (see `pull::verified`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<VerifiedRecord>,
+}
+
+/// A compact, bounded record of the verified (node, image) pairs.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct VerifiedRecord {
+    /// When the oldest of the recorded verifications happened (RFC 3339).
+    pub at: String,
+    /// Per-bucket digests of the verified pairs, 16 hex digits each.
+    pub digests: String,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]

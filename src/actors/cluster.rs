@@ -1,35 +1,46 @@
 //! One actor per target cluster, running on its own Arbiter: connects, keeps
-//! the shared watches (Prefetch objects, nodes, pull pods) and routes their
-//! events to one PrefetchActor per Prefetch.
+//! one watch per resource kind for the whole cluster (Prefetch objects,
+//! nodes, pull pods, and each workload kind some Prefetch selects), feeds
+//! them into the pure indexes of `crate::pull::index`, and tells each
+//! PrefetchActor only the changes that concern it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams};
 use kube::client::ClientBuilder;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 use tower::limit::RateLimitLayer;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::actors::delete_pull_pod;
+use crate::actors::delete_pull_pod_until_gone;
 use crate::actors::prefetch::{
-    Kick, NodesChanged, PodChanged, PodDeleted, PrefetchActor, Shutdown, SpecChanged,
+    NodeChanged, PodChanged, PodDeleted, PrefetchActor, Shutdown, SlotsGranted, SpecChanged,
+    Workloads, WorkloadsChanged,
 };
 use crate::actors::status::{ClusterHealth, ClusterHealthChanged, StatusActor};
-use crate::api::Prefetch;
+use crate::api::{Prefetch, PrefetchSpec, WorkloadKind};
 use crate::config::{ClusterTarget, Config};
 use crate::error::{Error, api_status_code, describe_kube_error, describe_watch_error};
 use crate::metrics::Metrics;
+use crate::pull::dispatch::DispatchQueue;
+use crate::pull::index::{
+    NodeIndex, WorkloadChange, WorkloadEntry, WorkloadIndex, WorkloadKey, WorkloadSelector,
+    targeting_of,
+};
+use crate::pull::plan::PairKey;
 use crate::pull::podspec::{PREFETCH_UID_LABEL, managed_selector};
-use crate::pull::targeting::NodeView;
-use crate::pull::tracker::Budget;
+use crate::pull::targeting::{NodeTargeting, NodeView};
+use crate::pull::workload::{PodTemplated, WorkloadImages};
 
 /// What every PrefetchActor of one cluster shares.
 pub struct ClusterContext {
@@ -38,26 +49,44 @@ pub struct ClusterContext {
     pub config: Arc<Config>,
     pub status: Addr<StatusActor>,
     pub metrics: Metrics,
-    /// Per-node and per-cluster pull pod slots, shared by all Prefetches.
-    pub budget: Arc<Mutex<Budget>>,
     pub recorder: Recorder,
+    /// Owns the dispatch queue (the pull pod slots) and the shared watches.
     pub cluster_actor: Addr<ClusterActor>,
 }
 
-impl ClusterContext {
-    pub fn budget(&self) -> std::sync::MutexGuard<'_, Budget> {
-        // A poisoned lock only means another actor panicked mid-update; the
-        // counters are still the best information there is.
-        self.budget
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
+/// What a PrefetchActor was last given; its events are routed by these.
+struct Delivered {
+    spec: PrefetchSpec,
+    targeting: NodeTargeting,
+    selector: WorkloadSelector,
 }
 
 struct PrefetchEntry {
-    addr: Addr<PrefetchActor>,
-    namespace: String,
-    name: String,
+    /// `None` until nodes, pull pods and the workload kinds it selects were
+    /// listed: planning earlier would see no nodes (and call that READY) or
+    /// create pods that already exist instead of adopting them.
+    addr: Option<Addr<PrefetchActor>>,
+    latest: Arc<Prefetch>,
+    delivered: Option<Delivered>,
+}
+
+impl PrefetchEntry {
+    fn label(&self) -> String {
+        format!(
+            "{}/{}",
+            self.latest.namespace().unwrap_or_default(),
+            self.latest.name_any()
+        )
+    }
+}
+
+/// The watch of one workload kind across the cluster.
+struct KindWatch {
+    task: tokio::task::JoinHandle<()>,
+    /// Tells events of this watch from those of a stopped earlier one.
+    generation: u64,
+    /// The last error while the kind has not been listed yet.
+    error: Option<String>,
 }
 
 pub struct ClusterActor {
@@ -69,18 +98,17 @@ pub struct ClusterActor {
     shared: Option<Arc<ClusterContext>>,
     connect_attempts: u32,
     prefetches: HashMap<String, PrefetchEntry>,
-    /// Prefetches seen before nodes and pull pods were listed: planning
-    /// earlier would see no nodes (and call that READY) or create pods that
-    /// already exist instead of adopting them.
-    waiting: BTreeMap<String, Prefetch>,
     prefetches_synced: bool,
-    nodes_synced: bool,
     prefetch_init_seen: BTreeSet<String>,
-    nodes: Arc<BTreeMap<String, NodeView>>,
-    nodes_buffer: Option<BTreeMap<String, NodeView>>,
+    nodes: NodeIndex,
+    workloads: WorkloadIndex,
+    kind_watches: BTreeMap<WorkloadKind, KindWatch>,
+    watch_generation: u64,
     pods: BTreeMap<(String, String), Pod>,
     pods_buffer: Option<BTreeMap<(String, String), Pod>>,
     pods_synced: bool,
+    /// The pull pod slots, handed out round robin across Prefetches.
+    queue: DispatchQueue,
     background: Vec<tokio::task::JoinHandle<()>>,
     last_health: Option<ClusterHealth>,
     version: String,
@@ -103,15 +131,16 @@ impl ClusterActor {
             shared: None,
             connect_attempts: 0,
             prefetches: HashMap::new(),
-            waiting: BTreeMap::new(),
             prefetches_synced: false,
-            nodes_synced: false,
             prefetch_init_seen: BTreeSet::new(),
-            nodes: Arc::new(BTreeMap::new()),
-            nodes_buffer: None,
+            nodes: NodeIndex::default(),
+            workloads: WorkloadIndex::default(),
+            kind_watches: BTreeMap::new(),
+            watch_generation: 0,
             pods: BTreeMap::new(),
             pods_buffer: None,
             pods_synced: false,
+            queue: DispatchQueue::new(0, 0),
             background: Vec::new(),
             last_health: None,
             version: String::new(),
@@ -174,14 +203,14 @@ impl ClusterActor {
             config: self.config.clone(),
             status: self.status.clone(),
             metrics: self.metrics.clone(),
-            budget: Arc::new(Mutex::new(Budget::new(
-                defaults.max_parallel_per_node,
-                defaults.max_parallel_per_cluster,
-            ))),
             recorder: Recorder::new(client.clone(), reporter),
             cluster_actor: ctx.address(),
         });
         self.shared = Some(shared);
+        self.queue = DispatchQueue::new(
+            defaults.max_parallel_per_node,
+            defaults.max_parallel_per_cluster,
+        );
         self.version = version.clone();
         self.report(ClusterHealth::Connected { version });
 
@@ -246,80 +275,256 @@ impl ClusterActor {
         self.background.push(task);
     }
 
-    fn start_prefetch(&mut self, prefetch: Prefetch) {
+    fn selector_of(&self, prefetch: &Prefetch) -> WorkloadSelector {
+        WorkloadSelector::for_spec(
+            &prefetch.spec,
+            &prefetch.namespace().unwrap_or_default(),
+            self.config.policy.cross_namespace,
+        )
+    }
+
+    /// One watch per workload kind some Prefetch selects: started when the
+    /// first needs it, stopped (and its index dropped) when none does.
+    fn ensure_kind_watches(&mut self, ctx: &mut Context<Self>) {
+        let needed: BTreeSet<WorkloadKind> = self
+            .prefetches
+            .values()
+            .flat_map(|entry| self.selector_of(&entry.latest).kinds)
+            .collect();
+        let unneeded: Vec<WorkloadKind> = self
+            .kind_watches
+            .keys()
+            .filter(|kind| !needed.contains(kind))
+            .copied()
+            .collect();
+        for kind in unneeded {
+            if let Some(watch) = self.kind_watches.remove(&kind) {
+                info!(%kind, "no Prefetch selects this kind any more; stopping its watch");
+                watch.task.abort();
+            }
+            self.workloads.drop_kind(kind);
+        }
         let Some(shared) = self.shared.clone() else {
             return;
         };
-        let Some(uid) = prefetch.uid() else {
-            return;
-        };
-        let existing_pods: Vec<Pod> = self
-            .pods
-            .values()
-            .filter(|pod| pod.labels().get(PREFETCH_UID_LABEL) == Some(&uid))
-            .cloned()
-            .collect();
-        let namespace = prefetch.namespace().unwrap_or_default();
-        let name = prefetch.name_any();
-        let actor = PrefetchActor::new(shared, prefetch, self.nodes.clone(), existing_pods);
-        let addr = actor.start();
-        info!(prefetch = %format!("{namespace}/{name}"), "watching Prefetch");
-        self.prefetches.insert(
-            uid,
-            PrefetchEntry {
-                addr,
-                namespace,
-                name,
-            },
-        );
+        for kind in needed {
+            if self.kind_watches.contains_key(&kind) {
+                continue;
+            }
+            self.watch_generation += 1;
+            let generation = self.watch_generation;
+            info!(%kind, "watching workloads of this kind");
+            let task = spawn_kind_watch(
+                kind,
+                shared.client.clone(),
+                generation,
+                ctx.address(),
+                self.span.clone(),
+            );
+            self.workloads.kind_mut(kind);
+            self.kind_watches.insert(
+                kind,
+                KindWatch {
+                    task,
+                    generation,
+                    error: None,
+                },
+            );
+        }
     }
 
-    fn apply_prefetch(&mut self, prefetch: Prefetch) {
+    /// Whether every kind `selector` needs was listed or failed to be (the
+    /// Prefetch then reports the failure instead of waiting silently).
+    fn workloads_settled(&self, selector: &WorkloadSelector) -> bool {
+        selector.kinds.iter().all(|kind| {
+            self.workloads.is_kind_synced(*kind)
+                || self
+                    .kind_watches
+                    .get(kind)
+                    .is_some_and(|watch| watch.error.is_some())
+        })
+    }
+
+    fn workloads_for(&self, selector: &WorkloadSelector) -> Workloads {
+        let errors = selector
+            .kinds
+            .iter()
+            .filter_map(|kind| {
+                let watch = self.kind_watches.get(kind)?;
+                let error = watch.error.as_ref()?;
+                Some(format!("cannot watch {kind}s: {error}"))
+            })
+            .collect();
+        Workloads {
+            entries: self.workloads.select(selector),
+            errors,
+        }
+    }
+
+    fn targeted_nodes(&self, targeting: &NodeTargeting) -> Vec<Arc<NodeView>> {
+        self.nodes
+            .values()
+            .filter(|node| targeting.targets(node))
+            .cloned()
+            .collect()
+    }
+
+    /// Starts the actor of `uid`, or gives it its new spec, once everything
+    /// it plans from has been listed. Nothing is sent while the spec is
+    /// unchanged (our own status writes come back as Prefetch events).
+    fn deliver(&mut self, uid: &str) {
+        if !(self.nodes.is_synced() && self.pods_synced) {
+            return;
+        }
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
+        let Some(entry) = self.prefetches.get(uid) else {
+            return;
+        };
+        if entry
+            .delivered
+            .as_ref()
+            .is_some_and(|delivered| delivered.spec == entry.latest.spec)
+        {
+            return;
+        }
+        let selector = self.selector_of(&entry.latest);
+        if !self.workloads_settled(&selector) {
+            // Planning now would drop every pair of the kinds not listed yet.
+            return;
+        }
+        let targeting = targeting_of(&entry.latest.spec);
+        let nodes = self.targeted_nodes(&targeting);
+        let workloads = self.workloads_for(&selector);
+        let latest = entry.latest.clone();
+        let label = entry.label();
+        let addr = match &entry.addr {
+            Some(addr) => {
+                addr.do_send(SpecChanged {
+                    prefetch: latest.clone(),
+                    nodes,
+                    workloads,
+                });
+                addr.clone()
+            }
+            None => {
+                let existing_pods: Vec<Pod> = self
+                    .pods
+                    .values()
+                    .filter(|pod| {
+                        pod.labels().get(PREFETCH_UID_LABEL).map(String::as_str) == Some(uid)
+                    })
+                    .cloned()
+                    .collect();
+                info!(prefetch = %label, "watching Prefetch");
+                PrefetchActor::new(shared, (*latest).clone(), nodes, workloads, existing_pods)
+                    .start()
+            }
+        };
+        if let Some(entry) = self.prefetches.get_mut(uid) {
+            entry.addr = Some(addr);
+            entry.delivered = Some(Delivered {
+                spec: latest.spec.clone(),
+                targeting,
+                selector,
+            });
+        }
+    }
+
+    fn deliver_all(&mut self) {
+        let uids: Vec<String> = self.prefetches.keys().cloned().collect();
+        for uid in uids {
+            self.deliver(&uid);
+        }
+    }
+
+    fn apply_prefetch(&mut self, prefetch: Prefetch, ctx: &mut Context<Self>) {
         let Some(uid) = prefetch.uid() else {
             return;
         };
         if prefetch.metadata.deletion_timestamp.is_some() {
             // Finalizers of others may keep it around; its work stops now.
-            self.stop_prefetch(&uid);
+            self.stop_prefetch(&uid, ctx);
             return;
         }
-        match self.prefetches.get(&uid) {
-            Some(entry) => entry.addr.do_send(SpecChanged(Arc::new(prefetch))),
-            None if self.nodes_synced && self.pods_synced => self.start_prefetch(prefetch),
+        let latest = Arc::new(prefetch);
+        match self.prefetches.get_mut(&uid) {
+            Some(entry) => entry.latest = latest,
             None => {
-                self.waiting.insert(uid, prefetch);
+                self.prefetches.insert(
+                    uid.clone(),
+                    PrefetchEntry {
+                        addr: None,
+                        latest,
+                        delivered: None,
+                    },
+                );
+            }
+        }
+        self.ensure_kind_watches(ctx);
+        self.deliver(&uid);
+    }
+
+    fn stop_prefetch(&mut self, uid: &str, ctx: &mut Context<Self>) {
+        if let Some(entry) = self.prefetches.remove(uid) {
+            // Its slots go to the others at once; its pods are deleted by
+            // its actor (or, if that fails, by the orphan sweep).
+            self.queue.remove_owner(uid);
+            self.grant_slots();
+            if let Some(addr) = &entry.addr {
+                info!(prefetch = %entry.label(), "Prefetch deleted; stopping its work");
+                addr.do_send(Shutdown);
+            }
+            self.ensure_kind_watches(ctx);
+        }
+    }
+
+    fn apply_node(&mut self, node: &Node) {
+        let view = NodeView::from_node(node);
+        if let Some(change) = self.nodes.apply(view.name.clone(), view) {
+            self.route_node_change(change);
+        }
+    }
+
+    /// Only the Prefetches that target the node before or after the change
+    /// hear of it; each gets the entry by reference.
+    fn route_node_change(&self, change: crate::pull::index::NodeChange) {
+        for entry in self.prefetches.values() {
+            if let (Some(addr), Some(delivered)) = (&entry.addr, &entry.delivered)
+                && change.concerns(&delivered.targeting)
+            {
+                addr.do_send(NodeChanged(change.clone()));
             }
         }
     }
 
-    fn start_waiting(&mut self) {
-        if !(self.nodes_synced && self.pods_synced) {
+    /// Each Prefetch selecting a changed workload gets its new selection,
+    /// once per batch of changes.
+    fn route_workload_changes(&self, kind: WorkloadKind, changes: &[WorkloadChange]) {
+        if changes.is_empty() {
             return;
         }
-        for (_, prefetch) in std::mem::take(&mut self.waiting) {
-            self.start_prefetch(prefetch);
-        }
-    }
-
-    fn knows_prefetch(&self, uid: &str) -> bool {
-        self.prefetches.contains_key(uid) || self.waiting.contains_key(uid)
-    }
-
-    fn stop_prefetch(&mut self, uid: &str) {
-        self.waiting.remove(uid);
-        if let Some(entry) = self.prefetches.remove(uid) {
-            info!(prefetch = %format!("{}/{}", entry.namespace, entry.name), "Prefetch deleted; stopping its work");
-            entry.addr.do_send(Shutdown);
-        }
-    }
-
-    fn publish_nodes(&mut self, nodes: BTreeMap<String, NodeView>) {
-        if *self.nodes == nodes {
-            return;
-        }
-        self.nodes = Arc::new(nodes);
         for entry in self.prefetches.values() {
-            entry.addr.do_send(NodesChanged(self.nodes.clone()));
+            if let (Some(addr), Some(delivered)) = (&entry.addr, &entry.delivered)
+                && changes
+                    .iter()
+                    .any(|change| delivered.selector.concerns(kind, change))
+            {
+                addr.do_send(WorkloadsChanged(self.workloads_for(&delivered.selector)));
+            }
+        }
+    }
+
+    /// Tells the Prefetches selecting `kind` that its watch failed or
+    /// recovered (their status shows it).
+    fn route_kind_health(&self, kind: WorkloadKind) {
+        for entry in self.prefetches.values() {
+            if let (Some(addr), Some(delivered)) = (&entry.addr, &entry.delivered)
+                && delivered.selector.kinds.contains(&kind)
+            {
+                addr.do_send(WorkloadsChanged(self.workloads_for(&delivered.selector)));
+            }
         }
     }
 
@@ -328,11 +533,18 @@ impl ClusterActor {
             return;
         };
         match self.prefetches.get(&uid) {
-            Some(entry) if deleted => entry.addr.do_send(PodDeleted(pod)),
-            Some(entry) => entry.addr.do_send(PodChanged(pod)),
-            None if !deleted && self.prefetches_synced && !self.knows_prefetch(&uid) => {
-                self.delete_orphan(&pod)
+            Some(PrefetchEntry {
+                addr: Some(addr), ..
+            }) => {
+                if deleted {
+                    addr.do_send(PodDeleted(pod));
+                } else {
+                    addr.do_send(PodChanged(pod));
+                }
             }
+            // Not started yet: it takes its pods from `self.pods` when it is.
+            Some(_) => {}
+            None if !deleted && self.prefetches_synced => self.delete_orphan(&pod),
             None => {}
         }
     }
@@ -350,14 +562,10 @@ impl ClusterActor {
         let name = pod.name_any();
         info!(pod = %format!("{namespace}/{name}"), "deleting pull pod of a Prefetch that no longer exists");
         let task = actix::spawn(
-            async move {
-                if let Err(error) = delete_pull_pod(shared.client.clone(), &namespace, &name).await
-                {
-                    warn!(pod = %name, %error, "could not delete orphaned pull pod");
-                }
-            }
-            .instrument(self.span.clone()),
+            delete_pull_pod_until_gone(shared.client.clone(), namespace, name)
+                .instrument(self.span.clone()),
         );
+        self.background.retain(|task| !task.is_finished());
         self.background.push(task);
     }
 
@@ -371,7 +579,7 @@ impl ClusterActor {
             .filter(|pod| {
                 pod.labels()
                     .get(PREFETCH_UID_LABEL)
-                    .is_none_or(|uid| !self.knows_prefetch(uid))
+                    .is_none_or(|uid| !self.prefetches.contains_key(uid))
             })
             .cloned()
             .collect();
@@ -379,6 +587,94 @@ impl ClusterActor {
             self.delete_orphan(&pod);
         }
     }
+}
+
+/// Watches every object of one workload kind in the cluster, trimmed to
+/// what planning uses before it reaches the actor.
+fn spawn_kind_watch(
+    kind: WorkloadKind,
+    client: Client,
+    generation: u64,
+    addr: Addr<ClusterActor>,
+    span: tracing::Span,
+) -> tokio::task::JoinHandle<()> {
+    let task = async move {
+        match kind {
+            WorkloadKind::Deployment => watch_kind::<Deployment>(client, generation, addr).await,
+            WorkloadKind::StatefulSet => watch_kind::<StatefulSet>(client, generation, addr).await,
+            WorkloadKind::DaemonSet => watch_kind::<DaemonSet>(client, generation, addr).await,
+            WorkloadKind::Job => watch_kind::<Job>(client, generation, addr).await,
+            WorkloadKind::CronJob => watch_kind::<CronJob>(client, generation, addr).await,
+        }
+    };
+    actix::spawn(task.instrument(span))
+}
+
+async fn watch_kind<K>(client: Client, generation: u64, addr: Addr<ClusterActor>)
+where
+    K: Resource<DynamicType = ()>
+        + PodTemplated
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + 'static,
+{
+    let kind = K::KIND;
+    let api: Api<K> = Api::all(client);
+    let key = |object: &K| (object.namespace().unwrap_or_default(), object.name_any());
+    let trim = |object: &K| {
+        object.pod_spec().map(|spec| WorkloadEntry {
+            labels: object.labels().clone(),
+            workload: WorkloadImages::from_pod_spec(
+                kind,
+                &object.namespace().unwrap_or_default(),
+                &object.name_any(),
+                spec,
+            ),
+        })
+    };
+    let mut stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(item) = stream.next().await {
+        let update = match item {
+            Ok(watcher::Event::Init) => WorkloadUpdate::Init,
+            Ok(watcher::Event::InitApply(object)) => {
+                WorkloadUpdate::InitApply(key(&object), trim(&object))
+            }
+            Ok(watcher::Event::InitDone) => WorkloadUpdate::InitDone,
+            Ok(watcher::Event::Apply(object)) => WorkloadUpdate::Apply(key(&object), trim(&object)),
+            Ok(watcher::Event::Delete(object)) => WorkloadUpdate::Delete(key(&object)),
+            Err(error) => {
+                let message = describe_watch_error(&error);
+                warn!(%kind, error = %message, "workload watch failed; retrying");
+                WorkloadUpdate::Failed(message)
+            }
+        };
+        addr.do_send(WorkloadEvent {
+            kind,
+            generation,
+            update,
+        });
+    }
+}
+
+pub enum WorkloadUpdate {
+    Init,
+    InitApply(WorkloadKey, Option<WorkloadEntry>),
+    InitDone,
+    Apply(WorkloadKey, Option<WorkloadEntry>),
+    Delete(WorkloadKey),
+    Failed(String),
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct WorkloadEvent {
+    pub kind: WorkloadKind,
+    pub generation: u64,
+    pub update: WorkloadUpdate,
 }
 
 async fn connect(target: &ClusterTarget, api_qps: f64) -> Result<(Client, String), ClusterHealth> {
@@ -499,6 +795,9 @@ impl Actor for ClusterActor {
         for task in self.background.drain(..) {
             task.abort();
         }
+        for (_, watch) in std::mem::take(&mut self.kind_watches) {
+            watch.task.abort();
+        }
     }
 }
 
@@ -522,16 +821,37 @@ pub struct WatchFailed {
     pub forbidden: bool,
 }
 
-/// A PrefetchActor gave pull slots back: others may now use them.
+/// A Prefetch's standing request for pull slots (replaces its previous one).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct SlotsFreed {
-    pub from_uid: String,
+pub struct RequestSlots {
+    pub uid: String,
+    /// Pairs it could start now, best first.
+    pub candidates: Vec<PairKey>,
+    /// Its own cap on pods in flight.
+    pub cap: usize,
+}
+
+/// A Prefetch is done with a slot (its pod was judged, vanished or never
+/// created).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ReleaseSlot {
+    pub uid: String,
+    pub node: String,
+}
+
+/// A Prefetch took over a pod found after a restart: it holds a slot.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AdoptSlot {
+    pub uid: String,
+    pub node: String,
 }
 
 impl Handler<PrefetchEvent> for ClusterActor {
     type Result = ();
-    fn handle(&mut self, PrefetchEvent(event): PrefetchEvent, _: &mut Self::Context) {
+    fn handle(&mut self, PrefetchEvent(event): PrefetchEvent, ctx: &mut Self::Context) {
         let _span = self.span.clone().entered();
         self.mark_healthy();
         match event {
@@ -540,27 +860,26 @@ impl Handler<PrefetchEvent> for ClusterActor {
                 if let Some(uid) = prefetch.uid() {
                     self.prefetch_init_seen.insert(uid);
                 }
-                self.apply_prefetch(prefetch);
+                self.apply_prefetch(prefetch, ctx);
             }
             watcher::Event::InitDone => {
                 // Anything not re-listed was deleted while the watch was down.
                 let gone: Vec<String> = self
                     .prefetches
                     .keys()
-                    .chain(self.waiting.keys())
                     .filter(|uid| !self.prefetch_init_seen.contains(*uid))
                     .cloned()
                     .collect();
                 for uid in gone {
-                    self.stop_prefetch(&uid);
+                    self.stop_prefetch(&uid, ctx);
                 }
                 self.prefetches_synced = true;
                 self.sweep_orphans();
             }
-            watcher::Event::Apply(prefetch) => self.apply_prefetch(prefetch),
+            watcher::Event::Apply(prefetch) => self.apply_prefetch(prefetch, ctx),
             watcher::Event::Delete(prefetch) => {
                 if let Some(uid) = prefetch.uid() {
-                    self.stop_prefetch(&uid);
+                    self.stop_prefetch(&uid, ctx);
                 }
             }
         }
@@ -573,29 +892,84 @@ impl Handler<NodeEvent> for ClusterActor {
         let _span = self.span.clone().entered();
         self.mark_healthy();
         match event {
-            watcher::Event::Init => self.nodes_buffer = Some(BTreeMap::new()),
+            watcher::Event::Init => self.nodes.begin_relist(),
             watcher::Event::InitApply(node) => {
                 let view = NodeView::from_node(&node);
-                self.nodes_buffer
-                    .get_or_insert_with(BTreeMap::new)
-                    .insert(view.name.clone(), view);
+                self.nodes.relist_apply(view.name.clone(), view);
             }
             watcher::Event::InitDone => {
-                let nodes = self.nodes_buffer.take().unwrap_or_default();
-                self.publish_nodes(nodes);
-                self.nodes_synced = true;
-                self.start_waiting();
+                for change in self.nodes.finish_relist() {
+                    self.route_node_change(change);
+                }
+                self.deliver_all();
             }
-            watcher::Event::Apply(node) => {
-                let view = NodeView::from_node(&node);
-                let mut nodes = (*self.nodes).clone();
-                nodes.insert(view.name.clone(), view);
-                self.publish_nodes(nodes);
-            }
+            watcher::Event::Apply(node) => self.apply_node(&node),
             watcher::Event::Delete(node) => {
-                let mut nodes = (*self.nodes).clone();
-                nodes.remove(&node.name_any());
-                self.publish_nodes(nodes);
+                if let Some(change) = self.nodes.delete(&node.name_any()) {
+                    self.route_node_change(change);
+                }
+            }
+        }
+    }
+}
+
+impl Handler<WorkloadEvent> for ClusterActor {
+    type Result = ();
+    fn handle(&mut self, msg: WorkloadEvent, _: &mut Self::Context) {
+        let kind = msg.kind;
+        if self
+            .kind_watches
+            .get(&kind)
+            .is_none_or(|watch| watch.generation != msg.generation)
+        {
+            // From a watch stopped since; its kind may be watched anew.
+            return;
+        }
+        let _span = self.span.clone().entered();
+        let index = self.workloads.kind_mut(kind);
+        match msg.update {
+            WorkloadUpdate::Init => index.begin_relist(),
+            WorkloadUpdate::InitApply(key, entry) => {
+                if let Some(entry) = entry {
+                    index.relist_apply(key, entry);
+                }
+            }
+            WorkloadUpdate::InitDone => {
+                let changes = index.finish_relist();
+                let recovered = self
+                    .kind_watches
+                    .get_mut(&kind)
+                    .and_then(|watch| watch.error.take())
+                    .is_some();
+                if recovered {
+                    self.route_kind_health(kind);
+                } else {
+                    self.route_workload_changes(kind, &changes);
+                }
+                self.deliver_all();
+            }
+            WorkloadUpdate::Apply(key, Some(entry)) => {
+                let change = index.apply(key, entry);
+                self.route_workload_changes(kind, change.as_slice());
+            }
+            WorkloadUpdate::Apply(key, None) | WorkloadUpdate::Delete(key) => {
+                let change = index.delete(&key);
+                self.route_workload_changes(kind, change.as_slice());
+            }
+            WorkloadUpdate::Failed(error) => {
+                // After the first list the index stays usable while the
+                // watcher retries; before it, the Prefetches must say why
+                // they cannot plan.
+                if !index.is_synced()
+                    && let Some(watch) = self.kind_watches.get_mut(&kind)
+                {
+                    let first = watch.error.is_none();
+                    watch.error = Some(error);
+                    if first {
+                        self.route_kind_health(kind);
+                        self.deliver_all();
+                    }
+                }
             }
         }
     }
@@ -632,7 +1006,7 @@ impl Handler<PodEvent> for ClusterActor {
                 for pod in current {
                     self.route_pod(pod, false);
                 }
-                self.start_waiting();
+                self.deliver_all();
                 self.sweep_orphans();
             }
             watcher::Event::Apply(pod) => {
@@ -675,13 +1049,47 @@ impl Handler<WatchFailed> for ClusterActor {
     }
 }
 
-impl Handler<SlotsFreed> for ClusterActor {
-    type Result = ();
-    fn handle(&mut self, msg: SlotsFreed, _: &mut Self::Context) {
-        for (uid, entry) in &self.prefetches {
-            if *uid != msg.from_uid {
-                entry.addr.do_send(Kick);
+impl ClusterActor {
+    /// Hands free slots to the Prefetches waiting for them.
+    fn grant_slots(&mut self) {
+        for (uid, keys) in self.queue.grant() {
+            match self
+                .prefetches
+                .get(&uid)
+                .and_then(|entry| entry.addr.as_ref())
+            {
+                Some(addr) => addr.do_send(SlotsGranted(keys)),
+                None => self.queue.remove_owner(&uid),
             }
+        }
+    }
+}
+
+impl Handler<RequestSlots> for ClusterActor {
+    type Result = ();
+    fn handle(&mut self, msg: RequestSlots, _: &mut Self::Context) {
+        // A request of a Prefetch stopped meanwhile must not bring it back.
+        if !self.prefetches.contains_key(&msg.uid) {
+            return;
+        }
+        self.queue.request(&msg.uid, msg.candidates, msg.cap);
+        self.grant_slots();
+    }
+}
+
+impl Handler<ReleaseSlot> for ClusterActor {
+    type Result = ();
+    fn handle(&mut self, msg: ReleaseSlot, _: &mut Self::Context) {
+        self.queue.release(&msg.uid, &msg.node);
+        self.grant_slots();
+    }
+}
+
+impl Handler<AdoptSlot> for ClusterActor {
+    type Result = ();
+    fn handle(&mut self, msg: AdoptSlot, _: &mut Self::Context) {
+        if self.prefetches.contains_key(&msg.uid) {
+            self.queue.force_acquire(&msg.uid, &msg.node);
         }
     }
 }

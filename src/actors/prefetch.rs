@@ -1,57 +1,44 @@
-//! One actor per Prefetch object. It watches the Prefetch's workloads, turns
-//! nodes × images into (node, image) pairs with the pure planner, fans out
-//! pull pods within the shared budget, judges them, and writes the status.
-//! All decisions are made by `crate::pull`; this file only moves data.
+//! One actor per Prefetch object. The ClusterActor hands it the nodes it
+//! targets and the workloads it selects, then only the changes that concern
+//! it; it plans (node, image) pairs with the pure planner (a node event
+//! re-plans that node alone), fans out pull pods in the slots the cluster's
+//! dispatch queue grants, judges them, and writes the status. All decisions
+//! are made by `crate::pull`; this file only moves data.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use futures::StreamExt;
-use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
-use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event as KubeEvent, EventType};
-use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::actors::cluster::{ClusterContext, SlotsFreed};
-use crate::actors::delete_pull_pod;
+use crate::actors::cluster::{AdoptSlot, ClusterContext, ReleaseSlot, RequestSlots};
 use crate::actors::status::{PrefetchGone, PrefetchReported, PrefetchSummary};
+use crate::actors::{delete_pull_pod, delete_pull_pod_until_gone};
 use crate::api::{
     Condition, MAX_PULL_TIMEOUT_SECONDS, MAX_RETRY_AFTER_SECONDS, Phase, Prefetch, PrefetchStatus,
-    WorkloadKind,
+    VerifiedRecord,
 };
-use crate::error::{api_status_code, describe_kube_error, describe_watch_error};
+use crate::error::{api_status_code, describe_kube_error};
+use crate::pull::index::{NodeChange, WorkloadEntry, targeting_of};
 use crate::pull::outcome::classify;
-use crate::pull::plan::{DesiredSet, ExtraImages, PairKey, desired_pulls};
+use crate::pull::plan::{DesiredSet, ExtraImages, PairKey, Planner};
 use crate::pull::podspec::{PullPodParams, build_pull_pod, pair_of_pod};
-use crate::pull::targeting::{NodeTargeting, NodeView};
-use crate::pull::tracker::{BackoffPolicy, Outcome, Tracker, select_dispatch};
-use crate::pull::workload::{PodTemplated, WorkloadImages};
+use crate::pull::targeting::NodeView;
+use crate::pull::tracker::{BackoffPolicy, Outcome, Tracker};
+use crate::pull::verified;
 
-/// What the workload watches were started for; a change restarts them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct WatchPlan {
-    labels: String,
-    kinds: Vec<WorkloadKind>,
-    namespaces: Vec<String>,
-}
-
-#[derive(Default)]
-struct WorkloadWatch {
-    objects: BTreeMap<String, WorkloadImages>,
-    buffer: Option<BTreeMap<String, WorkloadImages>>,
-    synced: bool,
-    /// The last error of a watch that has not listed its objects yet.
-    error: Option<String>,
-    task: Option<tokio::task::JoinHandle<()>>,
+/// The workloads a Prefetch selects, and why some kinds could not be listed.
+#[derive(Debug, Clone, Default)]
+pub struct Workloads {
+    pub entries: Vec<Arc<WorkloadEntry>>,
+    pub errors: Vec<String>,
 }
 
 pub struct PrefetchActor {
@@ -61,16 +48,27 @@ pub struct PrefetchActor {
     span: tracing::Span,
     tracker: Tracker,
     desired: DesiredSet,
-    nodes: Arc<BTreeMap<String, NodeView>>,
-    watch_plan: Option<WatchPlan>,
-    watches: BTreeMap<(WorkloadKind, String), WorkloadWatch>,
+    /// The nodes this Prefetch targets, shared with the cluster's index.
+    nodes: BTreeMap<String, Arc<NodeView>>,
+    workloads: Workloads,
+    planner: Planner,
+    /// Nodes changed since the last plan; planned one by one.
+    dirty_nodes: BTreeSet<String>,
+    /// The planner changed (spec or workloads): every node is re-planned.
+    replan_all: bool,
     refused_namespaces: Vec<String>,
-    /// Pods we judged and asked to delete; their later events are noise.
+    /// Uids of pods we judged and asked to delete; their later events are
+    /// noise, even once a new attempt reuses the name.
     judged: BTreeSet<String>,
+    /// Names of judged pods whose uid was never learnt (no event before
+    /// their deadline); forgotten when the name is used again.
+    judged_names: BTreeSet<String>,
     /// Pull pods seen before the plan could say whether they are wanted.
     pending_pods: Vec<Pod>,
     /// Whether `desired` has been computed at least once.
     planned: bool,
+    /// The verification record found in the status at start.
+    restore_from: Option<VerifiedRecord>,
     /// Where each pair's pod was created, for deleting it once the pair is no
     /// longer desired.
     known_pod_namespaces: BTreeMap<PairKey, String>,
@@ -79,12 +77,17 @@ pub struct PrefetchActor {
     /// then this is what stops a pod from holding its slot for ever.
     deadlines: BTreeMap<PairKey, Instant>,
     replan_queued: bool,
+    /// Whether the dispatch queue holds a non-empty request of ours.
+    requested: bool,
+    dispatch_queued: bool,
     wakeup: Option<SpawnHandle>,
     status_queued: bool,
     /// One status write at a time: two in flight could land out of order
     /// and leave an older status on the object.
     status_writing: bool,
     status_dirty: bool,
+    /// Consecutive failed status writes, for backing off.
+    status_failures: u32,
     last_status: Option<PrefetchStatus>,
     last_phase: Option<Phase>,
     shutting_down: bool,
@@ -94,7 +97,8 @@ impl PrefetchActor {
     pub fn new(
         shared: Arc<ClusterContext>,
         prefetch: Prefetch,
-        nodes: Arc<BTreeMap<String, NodeView>>,
+        nodes: Vec<Arc<NodeView>>,
+        workloads: Workloads,
         existing_pods: Vec<Pod>,
     ) -> Self {
         let uid = prefetch.uid().unwrap_or_default();
@@ -112,31 +116,42 @@ impl PrefetchActor {
             jitter: true,
         };
         let last_status = prefetch.status.clone();
-        PrefetchActor {
+        let mut actor = PrefetchActor {
             shared,
             uid,
             span,
             tracker: Tracker::new(policy),
             desired: DesiredSet::default(),
-            nodes,
-            watch_plan: None,
-            watches: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            workloads: Workloads::default(),
+            planner: Planner::new([], &ExtraImages::default(), Default::default(), true, false),
+            dirty_nodes: BTreeSet::new(),
+            replan_all: true,
             refused_namespaces: Vec::new(),
             judged: BTreeSet::new(),
+            judged_names: BTreeSet::new(),
             pending_pods: existing_pods,
             planned: false,
+            restore_from: last_status
+                .as_ref()
+                .and_then(|status| status.verified.clone()),
             known_pod_namespaces: BTreeMap::new(),
             deadlines: BTreeMap::new(),
             replan_queued: false,
+            requested: false,
+            dispatch_queued: false,
             wakeup: None,
             status_queued: false,
             status_writing: false,
             status_dirty: false,
+            status_failures: 0,
             last_phase: last_status.as_ref().and_then(|status| status.phase),
             last_status,
             shutting_down: false,
             prefetch: Arc::new(prefetch),
-        }
+        };
+        actor.set_inputs(nodes, workloads);
+        actor
     }
 
     fn namespace(&self) -> String {
@@ -170,81 +185,36 @@ impl PrefetchActor {
         }
     }
 
-    /// Starts or restarts workload watches when the selector, kinds or
-    /// namespaces changed. Namespaces the policy refuses are not watched.
-    fn ensure_watches(&mut self, ctx: &mut Context<Self>) {
+    /// Takes a new set of targeted nodes and workloads (at start and on a
+    /// spec change): the planner is rebuilt and every node re-planned, but
+    /// the tracker keeps the state of every pair still wanted.
+    fn set_inputs(&mut self, nodes: Vec<Arc<NodeView>>, workloads: Workloads) {
+        self.nodes = nodes
+            .into_iter()
+            .map(|node| (node.name.clone(), node))
+            .collect();
+        self.set_workloads(workloads);
+    }
+
+    fn set_workloads(&mut self, workloads: Workloads) {
         let spec = &self.prefetch.spec;
-        let (namespaces, refused) =
+        let (_, refused) =
             spec.workload_namespaces(&self.namespace(), self.shared.config.policy.cross_namespace);
         self.refused_namespaces = refused;
-        // An invalid label key builds no selector (spec_problems reports it).
-        let (kinds, labels) = match spec.label_selector() {
-            Ok(labels) => (spec.selected_workload_kinds(), labels),
-            Err(_) => (Vec::new(), String::new()),
+        let extra = ExtraImages {
+            images: spec.images.clone(),
+            namespace: self.namespace(),
+            image_pull_secrets: spec.image_pull_secrets.clone(),
         };
-        let plan = WatchPlan {
-            labels,
-            kinds,
-            namespaces,
-        };
-        if self.watch_plan.as_ref() == Some(&plan) {
-            return;
-        }
-        for watch in self.watches.values_mut() {
-            if let Some(task) = watch.task.take() {
-                task.abort();
-            }
-        }
-        self.watches.clear();
-        for kind in &plan.kinds {
-            for namespace in &plan.namespaces {
-                let task = self.spawn_workload_watch(*kind, namespace, &plan.labels, ctx.address());
-                self.watches.insert(
-                    (*kind, namespace.clone()),
-                    WorkloadWatch {
-                        task: Some(task),
-                        ..WorkloadWatch::default()
-                    },
-                );
-            }
-        }
-        debug!(?plan, "workload watches (re)started");
-        self.watch_plan = Some(plan);
-    }
-
-    fn spawn_workload_watch(
-        &self,
-        kind: WorkloadKind,
-        namespace: &str,
-        labels: &str,
-        addr: Addr<Self>,
-    ) -> tokio::task::JoinHandle<()> {
-        let client = self.shared.client.clone();
-        let config = watcher::Config::default().labels(labels);
-        let span = self.span.clone();
-        let namespace = namespace.to_string();
-        let task = async move {
-            match kind {
-                WorkloadKind::Deployment => {
-                    watch_workloads::<Deployment>(client, namespace, config, addr).await
-                }
-                WorkloadKind::StatefulSet => {
-                    watch_workloads::<StatefulSet>(client, namespace, config, addr).await
-                }
-                WorkloadKind::DaemonSet => {
-                    watch_workloads::<DaemonSet>(client, namespace, config, addr).await
-                }
-                WorkloadKind::Job => watch_workloads::<Job>(client, namespace, config, addr).await,
-                WorkloadKind::CronJob => {
-                    watch_workloads::<CronJob>(client, namespace, config, addr).await
-                }
-            }
-        };
-        actix::spawn(task.instrument(span))
-    }
-
-    fn workloads_synced(&self) -> bool {
-        self.watches.values().all(|watch| watch.synced)
+        self.planner = Planner::new(
+            workloads.entries.iter().map(|entry| &entry.workload),
+            &extra,
+            targeting_of(spec),
+            spec.respects_workload_scheduling(),
+            self.shared.config.policy.tolerate_all_taints,
+        );
+        self.workloads = workloads;
+        self.replan_all = true;
     }
 
     fn queue_replan(&mut self, ctx: &mut Context<Self>) {
@@ -255,51 +225,48 @@ impl PrefetchActor {
         // A short pause coalesces bursts of watch events into one plan.
         ctx.run_later(Duration::from_millis(30), |actor, ctx| {
             actor.replan_queued = false;
-            actor.replan(ctx);
+            actor.replan(ctx, false);
         });
     }
 
-    fn replan(&mut self, ctx: &mut Context<Self>) {
+    /// Brings `desired` and the tracker up to date: the whole set after a
+    /// planner change, else only the nodes that changed. Then dispatches and
+    /// reports, unless node events changed nothing (the usual image list
+    /// update of a node already served) and no timer is due (`wakeup`):
+    /// that keeps a node event's cost to that node's pairs.
+    fn replan(&mut self, ctx: &mut Context<Self>, wakeup: bool) {
         let _span = self.span.clone().entered();
-        let spec = &self.prefetch.spec;
-        let nodes: Vec<NodeView> = self.nodes.values().cloned().collect();
-        let workloads: Vec<WorkloadImages> = self
-            .watches
-            .values()
-            .flat_map(|watch| watch.objects.values().cloned())
-            .collect();
-        let extra = ExtraImages {
-            images: spec.images.clone(),
-            namespace: self.namespace(),
-            image_pull_secrets: spec.image_pull_secrets.clone(),
-        };
-        let targeting = NodeTargeting::from_spec(spec);
-        let desired = desired_pulls(
-            &nodes,
-            &workloads,
-            &extra,
-            &targeting,
-            spec.respects_workload_scheduling(),
-            self.shared.config.policy.tolerate_all_taints,
-        );
-        self.tracker.set_desired(&desired);
         let now = Instant::now();
-        let in_flight: BTreeSet<PairKey> = self
-            .tracker
-            .in_flight()
-            .into_iter()
-            .map(|(key, _)| key)
-            .collect();
-        for key in desired.pairs.keys() {
-            let reported = self
-                .nodes
-                .get(&key.node)
-                .is_some_and(|node| node.images.contains(&key.image));
-            if reported && !in_flight.contains(key) {
-                self.tracker.node_reports_image(key, now);
+        let mut changed = wakeup || !self.planned || !self.pending_pods.is_empty();
+        if std::mem::take(&mut self.replan_all) {
+            changed = true;
+            self.dirty_nodes.clear();
+            self.desired = self.planner.plan(self.nodes.values().map(|node| &**node));
+            self.tracker.set_desired(&self.desired);
+            let keys: Vec<PairKey> = self.desired.pairs.keys().cloned().collect();
+            for key in &keys {
+                self.check_node_report(key, now);
+            }
+            self.restore_verified(now);
+        } else {
+            for name in std::mem::take(&mut self.dirty_nodes) {
+                let plan = self
+                    .nodes
+                    .get(&name)
+                    .and_then(|node| self.planner.plan_node(node));
+                if self.desired.replace_node(&name, plan) {
+                    changed = true;
+                    self.tracker.set_node_desired(&name, &self.desired);
+                }
+                let keys: Vec<PairKey> = self.desired.node_keys(&name).cloned().collect();
+                for key in &keys {
+                    changed |= self.check_node_report(key, now);
+                }
             }
         }
-        self.desired = desired;
+        if !changed {
+            return;
+        }
         self.planned = true;
 
         // Pods that existed before this actor (a restart) are adopted, not
@@ -315,6 +282,46 @@ impl PrefetchActor {
         self.queue_status(ctx);
     }
 
+    /// Once, on the first plan: pairs that the status' record proves
+    /// verified within `retry_after` (by the process before a restart or a
+    /// failover) are not pulled again.
+    fn restore_verified(&mut self, now: Instant) {
+        let Some(record) = self.restore_from.take() else {
+            return;
+        };
+        let Some((pairs, at)) = verified::restorable(
+            &record,
+            &self.desired,
+            self.retry_after(),
+            now,
+            Timestamp::now(),
+        ) else {
+            return;
+        };
+        let mut restored = 0usize;
+        for key in &pairs {
+            if self.tracker.restore_verified(key, at) {
+                restored += 1;
+            }
+        }
+        info!(
+            restored,
+            desired = self.desired.pairs.len(),
+            "pairs verified before the restart are not pulled again"
+        );
+    }
+
+    /// A pair the node lists is satisfied without a pull (an in-flight pull
+    /// keeps waiting for its pod's verdict).
+    /// Returns whether that satisfied a pair that was not.
+    fn check_node_report(&mut self, key: &PairKey, now: Instant) -> bool {
+        let reported = self
+            .nodes
+            .get(&key.node)
+            .is_some_and(|node| node.images.contains(&key.image));
+        reported && self.tracker.node_reports_image(key, now)
+    }
+
     /// The namespace a pair's pod lives in (the workload's, or the Prefetch's).
     fn pod_namespace_of(&self, key: &PairKey) -> String {
         self.desired
@@ -325,24 +332,49 @@ impl PrefetchActor {
             .unwrap_or_else(|| self.namespace())
     }
 
+    /// Tells the cluster's dispatch queue which pairs this Prefetch could
+    /// start now; the queue answers with [`SlotsGranted`] when slots are
+    /// free, fairly across Prefetches.
     fn dispatch(&mut self, ctx: &mut Context<Self>) {
-        if self.shutting_down || self.prefetch.spec.is_suspended() || !self.workloads_synced() {
-            self.schedule_wakeup(ctx);
-            return;
-        }
-        let now = Instant::now();
-        let due = self.tracker.due(now, self.retry_after());
-        if due.is_empty() {
-            self.schedule_wakeup(ctx);
-            return;
-        }
-        let free = self
-            .max_in_flight()
-            .saturating_sub(self.tracker.in_flight_count());
-        let chosen = {
-            let mut budget = self.shared.budget();
-            select_dispatch(&due, free, &mut budget)
+        let candidates = if self.shutting_down || self.prefetch.spec.is_suspended() {
+            Vec::new()
+        } else {
+            let mut due = self.tracker.due(Instant::now(), self.retry_after());
+            // The queue needs a choice of nodes, not every due pair: due()
+            // spreads them over nodes, so the first ones span many.
+            due.truncate(MAX_CANDIDATES.max(self.max_in_flight().saturating_mul(4)));
+            due
         };
+        // Nothing asked and nothing to ask: spare the message.
+        if !candidates.is_empty() || self.requested {
+            self.requested = !candidates.is_empty();
+            self.shared.cluster_actor.do_send(RequestSlots {
+                uid: self.uid.clone(),
+                candidates,
+                cap: self.max_in_flight(),
+            });
+        }
+        self.schedule_wakeup(ctx);
+    }
+
+    /// Starts the pulls the dispatch queue granted slots for; a slot whose
+    /// pair is no longer due (the node reported the image meanwhile, say)
+    /// goes straight back.
+    fn start_pulls(&mut self, chosen: Vec<PairKey>, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let retry_after = self.retry_after();
+        let chosen: Vec<PairKey> = chosen
+            .into_iter()
+            .filter(|key| {
+                let startable = !self.shutting_down
+                    && !self.prefetch.spec.is_suspended()
+                    && self.tracker.is_due(key, now, retry_after);
+                if !startable {
+                    self.release_slot(&key.node);
+                }
+                startable
+            })
+            .collect();
         let helper_image = self.shared.config.policy.helper_image.clone();
         let priority_class = self.shared.config.policy.priority_class.clone();
         let timeout = self.pull_timeout_seconds();
@@ -364,7 +396,7 @@ impl PrefetchActor {
                 priority_class: priority_class.as_deref(),
             });
             let pod_name = pod.name_any();
-            self.judged.remove(&pod_name);
+            self.judged_names.remove(&pod_name);
             self.tracker.on_dispatched(&key, &pod_name, now);
             self.deadlines
                 .insert(key.clone(), now + self.judging_deadline());
@@ -376,11 +408,18 @@ impl PrefetchActor {
             ctx.spawn(create.into_actor(self).map(move |result, actor, ctx| {
                 let _span = actor.span.clone().entered();
                 match result {
-                    Ok(_) => actor.shared.metrics.pull_created(&actor.shared.cluster),
-                    // Same name, same pair: created before a restart. The pod
-                    // watch reports its state like any other.
+                    Ok(created) => {
+                        actor.shared.metrics.pull_created(&actor.shared.cluster);
+                        if let Some(uid) = created.uid() {
+                            actor.tracker.bind_uid(&key, &pod_name, &uid);
+                        }
+                    }
+                    // A pod of that name exists: an earlier attempt still
+                    // being deleted, or one created before a restart. Look
+                    // it up rather than wait for an event that may not come.
                     Err(error) if api_status_code(&error) == Some(409) => {
-                        debug!(pod = %pod_name, "pull pod already exists; adopting it")
+                        debug!(pod = %pod_name, "pull pod already exists; looking it up");
+                        actor.look_up_existing(key, pod_name, target.namespace, ctx);
                     }
                     Err(error) => {
                         let message = describe_kube_error(&error);
@@ -421,7 +460,7 @@ impl PrefetchActor {
         self.wakeup = Some(ctx.run_later(delay, |actor, ctx| {
             actor.wakeup = None;
             actor.expire_overdue_pulls(ctx);
-            actor.replan(ctx);
+            actor.replan(ctx, true);
         }));
     }
 
@@ -450,7 +489,10 @@ impl PrefetchActor {
             };
             let _span = self.span.clone().entered();
             warn!(pod = %pod_name, node = %key.node, image = %key.image, "pull pod outlived its deadline; judging it failed");
-            self.judged.insert(pod_name.clone());
+            match self.tracker.in_flight_uid(&key) {
+                Some(uid) => self.judged.insert(uid.to_string()),
+                None => self.judged_names.insert(pod_name.clone()),
+            };
             self.release_slot(&key.node);
             self.delete_pod(pod_name, &self.pod_namespace_of(&key), ctx);
             let timeout = self.pull_timeout_seconds();
@@ -469,9 +511,9 @@ impl PrefetchActor {
     }
 
     fn release_slot(&self, node: &str) {
-        self.shared.budget().release(node);
-        self.shared.cluster_actor.do_send(SlotsFreed {
-            from_uid: self.uid.clone(),
+        self.shared.cluster_actor.do_send(ReleaseSlot {
+            uid: self.uid.clone(),
+            node: node.to_string(),
         });
     }
 
@@ -509,7 +551,20 @@ impl PrefetchActor {
             }
         }
         self.tracker.on_outcome(key, outcome, now);
-        self.dispatch(ctx);
+        self.queue_dispatch(ctx);
+    }
+
+    /// Dispatches shortly: outcomes come in bursts during a fan-out, and
+    /// each dispatch scans every pair for the due ones.
+    fn queue_dispatch(&mut self, ctx: &mut Context<Self>) {
+        if self.dispatch_queued || self.shutting_down {
+            return;
+        }
+        self.dispatch_queued = true;
+        ctx.run_later(Duration::from_millis(10), |actor, ctx| {
+            actor.dispatch_queued = false;
+            actor.dispatch(ctx);
+        });
     }
 
     fn publish_event(&self, type_: EventType, reason: &str, note: String) {
@@ -533,20 +588,17 @@ impl PrefetchActor {
         );
     }
 
-    fn delete_pod(&self, name: &str, namespace: &str, ctx: &mut Context<Self>) {
-        let client = self.shared.client.clone();
-        let (name, namespace) = (name.to_string(), namespace.to_string());
-        let delete = async move {
-            delete_pull_pod(client, &namespace, &name)
-                .await
-                .map_err(|error| (name, error))
-        };
-        ctx.spawn(delete.into_actor(self).map(|result, actor, _| {
-            if let Err((name, error)) = result {
-                let _span = actor.span.clone().entered();
-                warn!(pod = %name, %error, "could not delete pull pod");
-            }
-        }));
+    /// Deletes a judged or unwanted pod in the background, retrying until
+    /// it is gone (even after this actor stopped).
+    fn delete_pod(&self, name: &str, namespace: &str, _ctx: &mut Context<Self>) {
+        actix::spawn(
+            delete_pull_pod_until_gone(
+                self.shared.client.clone(),
+                namespace.to_string(),
+                name.to_string(),
+            )
+            .instrument(self.span.clone()),
+        );
     }
 
     /// Handles the current state of one of our pull pods.
@@ -558,17 +610,19 @@ impl PrefetchActor {
             return;
         }
         let pod_name = pod.name_any();
+        let pod_uid = pod.uid().unwrap_or_default();
         let namespace = pod.namespace().unwrap_or_default();
-        if self.judged.contains(&pod_name) || pod.metadata.deletion_timestamp.is_some() {
+        if self.judged.contains(&pod_uid)
+            || self.judged_names.contains(&pod_name)
+            || pod.metadata.deletion_timestamp.is_some()
+        {
             return;
         }
-        let tracked = self
-            .tracker
-            .in_flight()
-            .into_iter()
-            .any(|(k, name)| k == key && name == pod_name);
-        if !tracked {
-            if !(self.planned && self.workloads_synced()) {
+        let tracked = self.tracker.is_current_pod(&key, &pod_name, &pod_uid);
+        if tracked {
+            self.tracker.bind_uid(&key, &pod_name, &pod_uid);
+        } else {
+            if !self.planned {
                 // Not known yet whether it is wanted: a pod found by the
                 // watch before the first plan (after a restart) must not be
                 // taken for a leftover and deleted.
@@ -576,16 +630,22 @@ impl PrefetchActor {
                 self.queue_replan(ctx);
                 return;
             }
-            if !self.desired.pairs.contains_key(&key) {
-                // Left over from an older plan (or before a restart).
+            if !self.desired.pairs.contains_key(&key) || self.tracker.in_flight_uid(&key).is_some()
+            {
+                // Left over from an older plan (or before a restart), or a
+                // stray pod of a pair whose current attempt is another pod.
                 info!(pod = %pod_name, node = %key.node, image = %key.image, "deleting a pull pod no longer wanted");
-                self.judged.insert(pod_name.clone());
+                self.judged.insert(pod_uid);
                 self.delete_pod(&pod_name, &namespace, ctx);
                 return;
             }
             // Found after a restart: take it over instead of creating another.
-            self.shared.budget().force_acquire(&key.node);
-            self.tracker.on_adopted(&key, &pod_name, Instant::now());
+            self.shared.cluster_actor.do_send(AdoptSlot {
+                uid: self.uid.clone(),
+                node: key.node.clone(),
+            });
+            self.tracker
+                .on_adopted(&key, &pod_name, &pod_uid, Instant::now());
             self.deadlines
                 .insert(key.clone(), adopted_deadline(&pod, self.judging_deadline()));
             self.known_pod_namespaces
@@ -593,12 +653,61 @@ impl PrefetchActor {
             info!(pod = %pod_name, node = %key.node, image = %key.image, "adopted existing pull pod");
         }
         if let Some(outcome) = classify(&pod) {
-            self.judged.insert(pod_name.clone());
+            self.judged.insert(pod_uid);
             self.release_slot(&key.node);
             self.delete_pod(&pod_name, &namespace, ctx);
             self.record_outcome(&key, outcome, ctx);
             self.queue_status(ctx);
         }
+    }
+
+    /// After a 409 on create: adopts the existing pod if it is a live one we
+    /// have not judged; else (an earlier attempt on its way out) makes sure
+    /// it goes and tries again shortly, without counting an attempt.
+    fn look_up_existing(
+        &mut self,
+        key: PairKey,
+        pod_name: String,
+        namespace: String,
+        ctx: &mut Context<Self>,
+    ) {
+        let api: Api<Pod> = Api::namespaced(self.shared.client.clone(), &namespace);
+        let name = pod_name.clone();
+        let get = async move { api.get_opt(&name).await };
+        ctx.spawn(get.into_actor(self).map(move |result, actor, ctx| {
+            let _span = actor.span.clone().entered();
+            if actor.shutting_down {
+                return;
+            }
+            let retry_in = match result {
+                Ok(Some(pod)) => {
+                    let uid = pod.uid().unwrap_or_default();
+                    let live = pod.metadata.deletion_timestamp.is_none()
+                        && !actor.judged.contains(&uid);
+                    if live {
+                        info!(pod = %pod_name, "adopted existing pull pod");
+                        actor.tracker.bind_uid(&key, &pod_name, &uid);
+                        actor.observe_pod(pod, ctx);
+                        return;
+                    }
+                    actor.delete_pod(&pod_name, &namespace, ctx);
+                    Duration::from_secs(1)
+                }
+                // Gone meanwhile: the name is free again.
+                Ok(None) => Duration::from_millis(200),
+                Err(error) => {
+                    warn!(pod = %pod_name, error = %describe_kube_error(&error), "could not look up existing pull pod");
+                    Duration::from_secs(2)
+                }
+            };
+            if actor.tracker.is_current_pod(&key, &pod_name, "") {
+                actor.release_slot(&key.node);
+                actor
+                    .tracker
+                    .on_create_conflict(&key, Instant::now(), retry_in);
+                actor.schedule_wakeup(ctx);
+            }
+        }));
     }
 
     fn queue_status(&mut self, ctx: &mut Context<Self>) {
@@ -607,7 +716,8 @@ impl PrefetchActor {
         }
         self.status_queued = true;
         let debounce = self.shared.config.defaults.status_debounce;
-        ctx.run_later(debounce, |actor, ctx| {
+        let delay = status_write_delay(debounce, self.status_failures);
+        ctx.run_later(delay, |actor, ctx| {
             actor.status_queued = false;
             actor.write_status(ctx);
         });
@@ -629,18 +739,9 @@ impl PrefetchActor {
             phase = Phase::Failed;
             messages.extend(problems);
         }
-        let watch_errors: Vec<String> =
-            self.watches
-                .iter()
-                .filter_map(|((kind, namespace), watch)| {
-                    watch.error.as_ref().map(|error| {
-                        format!("cannot watch {kind}s in namespace {namespace}: {error}")
-                    })
-                })
-                .collect();
-        if !watch_errors.is_empty() {
+        if !self.workloads.errors.is_empty() {
             phase = Phase::Failed;
-            messages.extend(watch_errors);
+            messages.extend(self.workloads.errors.iter().cloned());
         }
         if !self.desired.invalid_images.is_empty() {
             phase = Phase::Failed;
@@ -651,9 +752,6 @@ impl PrefetchActor {
                 .map(|error| error.to_string())
                 .collect();
             messages.push(invalid.join("; "));
-        }
-        if !self.workloads_synced() && phase != Phase::Failed {
-            phase = Phase::Pending;
         }
         let counts = self.tracker.counts();
         let failures = self.tracker.failures();
@@ -716,6 +814,36 @@ impl PrefetchActor {
             }],
             last_sync_time: Some(Timestamp::now().to_string()),
             message,
+            verified: self.verified_record(),
+        }
+    }
+
+    /// The record of verified pairs for the status. One whose digests did
+    /// not change and whose time moved by rounding only is kept as it was,
+    /// so it causes no write.
+    fn verified_record(&self) -> Option<VerifiedRecord> {
+        let fresh = verified::record(
+            &self.desired,
+            &self.tracker,
+            Instant::now(),
+            Timestamp::now(),
+        );
+        let previous = self
+            .last_status
+            .as_ref()
+            .and_then(|status| status.verified.as_ref());
+        match (fresh, previous) {
+            (Some(fresh), Some(previous)) if fresh.digests == previous.digests => {
+                let close = match (
+                    fresh.at.parse::<Timestamp>(),
+                    previous.at.parse::<Timestamp>(),
+                ) {
+                    (Ok(a), Ok(b)) => (a.as_second() - b.as_second()).abs() <= 2,
+                    _ => false,
+                };
+                Some(if close { previous.clone() } else { fresh })
+            }
+            (fresh, _) => fresh,
         }
     }
 
@@ -774,19 +902,38 @@ impl PrefetchActor {
         self.last_status = Some(status.clone());
         let api: Api<Prefetch> = Api::namespaced(self.shared.client.clone(), &self.namespace());
         let name = self.name();
-        let patch = json!({ "status": status });
+        // Server-side apply of the whole status: a field we no longer set
+        // (the failure `message` once READY) is removed, which a merge patch
+        // of the present fields never does.
+        let patch = json!({
+            "apiVersion": "cache.techsquad.rocks/v1",
+            "kind": "Prefetch",
+            "status": status,
+        });
         let write = async move {
-            api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
+            api.patch_status(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
         };
         ctx.spawn(write.into_actor(self).map(|result, actor, ctx| {
             actor.status_writing = false;
             match result {
-                Ok(_) => actor.shared.metrics.status_written(&actor.shared.cluster),
+                Ok(_) => {
+                    actor.status_failures = 0;
+                    actor.shared.metrics.status_written(&actor.shared.cluster)
+                }
                 Err(error) if api_status_code(&error) == Some(404) => {}
                 Err(error) => {
                     let _span = actor.span.clone().entered();
-                    warn!(error = %describe_kube_error(&error), "could not write status; retrying");
+                    actor.status_failures = actor.status_failures.saturating_add(1);
+                    warn!(
+                        error = %describe_kube_error(&error),
+                        failures = actor.status_failures,
+                        "could not write status; retrying with backoff"
+                    );
                     actor.last_status = None;
                     actor.status_dirty = true;
                 }
@@ -796,6 +943,24 @@ impl PrefetchActor {
             }
         }));
     }
+}
+
+/// Pairs offered to the dispatch queue at once (at least; more when the
+/// Prefetch may run more pulls in parallel).
+const MAX_CANDIDATES: usize = 64;
+
+/// Owner of the status fields for server-side apply.
+const FIELD_MANAGER: &str = "kube-prefetch";
+
+/// When to write the status next: after the debounce, or after failed
+/// writes 2x, 4x, ... the debounce (at least 100 ms), at most a minute, so
+/// an overloaded or refusing API server is not hammered.
+fn status_write_delay(debounce: Duration, failures: u32) -> Duration {
+    if failures == 0 {
+        return debounce;
+    }
+    (debounce.max(Duration::from_millis(100)) * (1u32 << failures.min(10)))
+        .min(Duration::from_secs(60))
 }
 
 /// Time for the kubelet to report a pod it stopped at its deadline.
@@ -827,79 +992,26 @@ fn same_apart_from_time(a: &PrefetchStatus, b: &PrefetchStatus) -> bool {
     a == *b
 }
 
-/// Watches one workload kind in one namespace, forwarding each object's
-/// images and scheduling constraints to the PrefetchActor.
-async fn watch_workloads<K>(
-    client: kube::Client,
-    namespace: String,
-    config: watcher::Config,
-    addr: Addr<PrefetchActor>,
-) where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + PodTemplated
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + 'static,
-{
-    let kind = K::KIND;
-    let api: Api<K> = Api::namespaced(client, &namespace);
-    let describe = |object: &K| {
-        object
-            .pod_spec()
-            .map(|spec| WorkloadImages::from_pod_spec(kind, &namespace, &object.name_any(), spec))
-    };
-    let mut stream = watcher(api, config).default_backoff().boxed();
-    while let Some(item) = stream.next().await {
-        let update = match item {
-            Ok(watcher::Event::Init) => WorkloadUpdate::Init,
-            Ok(watcher::Event::InitApply(object)) => {
-                WorkloadUpdate::InitApply(object.name_any(), describe(&object))
-            }
-            Ok(watcher::Event::InitDone) => WorkloadUpdate::InitDone,
-            Ok(watcher::Event::Apply(object)) => {
-                WorkloadUpdate::Apply(object.name_any(), describe(&object))
-            }
-            Ok(watcher::Event::Delete(object)) => WorkloadUpdate::Delete(object.name_any()),
-            Err(error) => {
-                let message = describe_watch_error(&error);
-                warn!(%kind, %namespace, error = %message, "workload watch failed; retrying");
-                WorkloadUpdate::Failed(message)
-            }
-        };
-        addr.do_send(WorkloadEvent {
-            kind,
-            namespace: namespace.clone(),
-            update,
-        });
-    }
-}
-
-pub enum WorkloadUpdate {
-    Init,
-    InitApply(String, Option<WorkloadImages>),
-    InitDone,
-    Apply(String, Option<WorkloadImages>),
-    Delete(String),
-    Failed(String),
-}
-
+/// The Prefetch's spec changed: its targeted nodes and selected workloads
+/// as of now. Only sent once the workload kinds it selects were listed.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct WorkloadEvent {
-    pub kind: WorkloadKind,
-    pub namespace: String,
-    pub update: WorkloadUpdate,
+pub struct SpecChanged {
+    pub prefetch: Arc<Prefetch>,
+    pub nodes: Vec<Arc<NodeView>>,
+    pub workloads: Workloads,
 }
 
+/// One node this Prefetch targets (before or after) changed.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct SpecChanged(pub Arc<Prefetch>);
+pub struct NodeChanged(pub NodeChange);
 
+/// A workload this Prefetch selects (before or after) changed: the new
+/// selection.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct NodesChanged(pub Arc<BTreeMap<String, NodeView>>);
+pub struct WorkloadsChanged(pub Workloads);
 
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -909,10 +1021,10 @@ pub struct PodChanged(pub Pod);
 #[rtype(result = "()")]
 pub struct PodDeleted(pub Pod);
 
-/// Pull slots may have been freed elsewhere in the cluster.
+/// The dispatch queue gave this Prefetch slots for these pairs.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Kick;
+pub struct SlotsGranted(pub Vec<PairKey>);
 
 /// The Prefetch was deleted: stop and remove in-flight pods.
 #[derive(Message)]
@@ -923,81 +1035,39 @@ impl Actor for PrefetchActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        self.ensure_watches(ctx);
         self.queue_replan(ctx);
-    }
-
-    fn stopped(&mut self, _: &mut Self::Context) {
-        for watch in self.watches.values_mut() {
-            if let Some(task) = watch.task.take() {
-                task.abort();
-            }
-        }
     }
 }
 
 impl Handler<SpecChanged> for PrefetchActor {
     type Result = ();
-    fn handle(&mut self, SpecChanged(prefetch): SpecChanged, ctx: &mut Self::Context) {
-        let spec_changed = prefetch.spec != self.prefetch.spec;
-        self.prefetch = prefetch;
-        if spec_changed {
-            let _span = self.span.clone().entered();
-            info!("spec changed; re-planning");
-            self.ensure_watches(ctx);
-            self.queue_replan(ctx);
-        }
-    }
-}
-
-impl Handler<NodesChanged> for PrefetchActor {
-    type Result = ();
-    fn handle(&mut self, NodesChanged(nodes): NodesChanged, ctx: &mut Self::Context) {
-        self.nodes = nodes;
+    fn handle(&mut self, msg: SpecChanged, ctx: &mut Self::Context) {
+        let _span = self.span.clone().entered();
+        info!("spec changed; re-planning");
+        self.prefetch = msg.prefetch;
+        self.set_inputs(msg.nodes, msg.workloads);
         self.queue_replan(ctx);
     }
 }
 
-impl Handler<WorkloadEvent> for PrefetchActor {
+impl Handler<NodeChanged> for PrefetchActor {
     type Result = ();
-    fn handle(&mut self, msg: WorkloadEvent, ctx: &mut Self::Context) {
-        let Some(watch) = self.watches.get_mut(&(msg.kind, msg.namespace)) else {
-            return;
+    fn handle(&mut self, NodeChanged(change): NodeChanged, ctx: &mut Self::Context) {
+        let targeting = targeting_of(&self.prefetch.spec);
+        match change.new.filter(|node| targeting.targets(node)) {
+            Some(node) => self.nodes.insert(change.key.clone(), node),
+            None => self.nodes.remove(&change.key),
         };
-        match msg.update {
-            WorkloadUpdate::Init => watch.buffer = Some(BTreeMap::new()),
-            WorkloadUpdate::InitApply(name, images) => {
-                if let Some(images) = images {
-                    watch
-                        .buffer
-                        .get_or_insert_with(BTreeMap::new)
-                        .insert(name, images);
-                }
-            }
-            WorkloadUpdate::InitDone => {
-                watch.objects = watch.buffer.take().unwrap_or_default();
-                watch.synced = true;
-                watch.error = None;
-                self.queue_replan(ctx);
-            }
-            WorkloadUpdate::Failed(error) => {
-                if !watch.synced {
-                    watch.error = Some(error);
-                    self.queue_status(ctx);
-                }
-            }
-            WorkloadUpdate::Apply(name, images) => {
-                match images {
-                    Some(images) => watch.objects.insert(name, images),
-                    None => watch.objects.remove(&name),
-                };
-                self.queue_replan(ctx);
-            }
-            WorkloadUpdate::Delete(name) => {
-                watch.objects.remove(&name);
-                self.queue_replan(ctx);
-            }
-        }
+        self.dirty_nodes.insert(change.key);
+        self.queue_replan(ctx);
+    }
+}
+
+impl Handler<WorkloadsChanged> for PrefetchActor {
+    type Result = ();
+    fn handle(&mut self, WorkloadsChanged(workloads): WorkloadsChanged, ctx: &mut Self::Context) {
+        self.set_workloads(workloads);
+        self.queue_replan(ctx);
     }
 }
 
@@ -1016,18 +1086,16 @@ impl Handler<PodDeleted> for PrefetchActor {
     type Result = ();
     fn handle(&mut self, PodDeleted(pod): PodDeleted, ctx: &mut Self::Context) {
         let pod_name = pod.name_any();
-        if self.judged.remove(&pod_name) || self.shutting_down {
+        let pod_uid = pod.uid().unwrap_or_default();
+        if self.judged.remove(&pod_uid) || self.shutting_down {
             return;
         }
         let Some((_, key)) = pair_of_pod(&pod) else {
             return;
         };
-        let was_in_flight = self
-            .tracker
-            .in_flight()
-            .into_iter()
-            .any(|(k, name)| k == key && name == pod_name);
-        if was_in_flight {
+        // Only the current attempt's pod counts, and only once its uid is
+        // known: the delete of an earlier pod with the same name is not it.
+        if self.tracker.in_flight_uid(&key) == Some(pod_uid.as_str()) {
             // Someone else deleted it before it was judged: try again.
             let _span = self.span.clone().entered();
             info!(pod = %pod_name, "pull pod deleted before it finished; retrying");
@@ -1038,10 +1106,11 @@ impl Handler<PodDeleted> for PrefetchActor {
     }
 }
 
-impl Handler<Kick> for PrefetchActor {
+impl Handler<SlotsGranted> for PrefetchActor {
     type Result = ();
-    fn handle(&mut self, _: Kick, ctx: &mut Self::Context) {
-        self.dispatch(ctx);
+    fn handle(&mut self, SlotsGranted(keys): SlotsGranted, ctx: &mut Self::Context) {
+        let _span = self.span.clone().entered();
+        self.start_pulls(keys, ctx);
     }
 }
 
@@ -1068,13 +1137,41 @@ impl Handler<Shutdown> for PrefetchActor {
             namespace: self.namespace(),
             name: self.name(),
         });
+        let span = self.span.clone();
         let cleanup = async move {
             for (namespace, name) in pods {
                 if let Err(error) = delete_pull_pod(client.clone(), &namespace, &name).await {
-                    warn!(pod = %name, %error, "could not delete pull pod");
+                    warn!(pod = %name, %error, "could not delete pull pod; retrying in the background");
+                    actix::spawn(
+                        delete_pull_pod_until_gone(client.clone(), namespace, name)
+                            .instrument(span.clone()),
+                    );
                 }
             }
         };
         ctx.wait(cleanup.into_actor(self).map(|_, _, ctx| ctx.stop()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_status_writes_back_off_up_to_a_minute() {
+        let debounce = Duration::from_millis(500);
+        assert_eq!(status_write_delay(debounce, 0), debounce);
+        assert_eq!(status_write_delay(debounce, 1), Duration::from_secs(1));
+        assert_eq!(status_write_delay(debounce, 2), Duration::from_secs(2));
+        assert_eq!(status_write_delay(debounce, 7), Duration::from_secs(60));
+        assert_eq!(
+            status_write_delay(debounce, u32::MAX),
+            Duration::from_secs(60)
+        );
+        // A zero debounce still backs off.
+        assert_eq!(
+            status_write_delay(Duration::ZERO, 1),
+            Duration::from_millis(200)
+        );
     }
 }

@@ -1,10 +1,13 @@
 //! Pure logic: no I/O, no clients. Everything here takes plain data and is
 //! unit-tested without a cluster.
 
+pub mod dispatch;
 pub mod image;
+pub mod index;
 pub mod outcome;
 pub mod plan;
 pub mod podspec;
 pub mod targeting;
 pub mod tracker;
+pub mod verified;
 pub mod workload;

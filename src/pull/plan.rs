@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::core::v1::Toleration;
 
 use crate::pull::image::{ImageRefError, normalize};
-use crate::pull::targeting::{NodeTargeting, NodeView};
+use crate::pull::targeting::{NodeTargeting, NodeView, SchedulingConstraints};
 use crate::pull::workload::WorkloadImages;
 
 /// One (node, image) pair; `image` is canonical (see [`normalize`]).
@@ -46,7 +46,7 @@ impl PullTarget {
 }
 
 /// The Prefetch's own `images` field, pulled in the Prefetch's namespace.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ExtraImages {
     pub images: Vec<String>,
     pub namespace: String,
@@ -94,102 +94,220 @@ pub fn desired_pulls(
     respect_scheduling: bool,
     tolerate_all_taints: bool,
 ) -> DesiredSet {
-    let mut desired = DesiredSet::default();
-    let mut seen_invalid = BTreeSet::new();
-    let mut canonical = |raw: &str, desired: &mut DesiredSet| match normalize(raw) {
-        Ok(image) => {
-            desired.images.insert(image.clone());
-            Some(image)
-        }
-        Err(error) => {
-            if seen_invalid.insert(error.reference.clone()) {
-                desired.invalid_images.push(error);
-            }
-            None
-        }
-    };
+    let planner = Planner::new(
+        workloads.iter(),
+        extra,
+        targeting.clone(),
+        respect_scheduling,
+        tolerate_all_taints,
+    );
+    planner.plan(nodes.iter())
+}
 
-    // Normalise once per source, not once per node.
-    let workload_images: Vec<Vec<String>> = workloads
-        .iter()
-        .map(|workload| {
-            let mut images: Vec<String> = Vec::new();
-            for raw in &workload.images {
-                if let Some(image) = canonical(raw, &mut desired)
-                    && !images.contains(&image)
-                {
-                    images.push(image);
+/// A workload as planning needs it, its references normalised once.
+#[derive(Debug, Clone)]
+struct PlannedSource {
+    namespace: String,
+    image_pull_secrets: Vec<String>,
+    service_account: Option<String>,
+    scheduling: Option<SchedulingConstraints>,
+    tolerations: Vec<Toleration>,
+    images: Vec<String>,
+}
+
+/// One Prefetch's planning inputs, prepared once per spec or workload change
+/// so that a node event plans that node alone ([`Planner::plan_node`]).
+#[derive(Debug, Clone)]
+pub struct Planner {
+    /// Workloads first, then the extras (whose scheduling is `None`).
+    sources: Vec<PlannedSource>,
+    has_workloads: bool,
+    has_extras: bool,
+    targeting: NodeTargeting,
+    images: BTreeSet<String>,
+    invalid_images: Vec<ImageRefError>,
+}
+
+impl Planner {
+    /// See [`desired_pulls`] for the rules.
+    pub fn new<'a>(
+        workloads: impl IntoIterator<Item = &'a WorkloadImages>,
+        extra: &ExtraImages,
+        targeting: NodeTargeting,
+        respect_scheduling: bool,
+        tolerate_all_taints: bool,
+    ) -> Self {
+        let mut images = BTreeSet::new();
+        let mut invalid_images = Vec::new();
+        let mut seen_invalid = BTreeSet::new();
+        let mut canonical = |raws: &[String]| {
+            let mut out: Vec<String> = Vec::new();
+            for raw in raws {
+                match normalize(raw) {
+                    Ok(image) => {
+                        images.insert(image.clone());
+                        if !out.contains(&image) {
+                            out.push(image);
+                        }
+                    }
+                    Err(error) => {
+                        if seen_invalid.insert(error.reference.clone()) {
+                            invalid_images.push(error);
+                        }
+                    }
                 }
             }
-            images
-        })
-        .collect();
-    let mut extra_images: Vec<String> = Vec::new();
-    for raw in &extra.images {
-        if let Some(image) = canonical(raw, &mut desired)
-            && !extra_images.contains(&image)
-        {
-            extra_images.push(image);
+            out
+        };
+        let tolerations_for = |own: &[Toleration]| {
+            if tolerate_all_taints {
+                vec![tolerate_everything()]
+            } else {
+                own.to_vec()
+            }
+        };
+        let mut sources = Vec::new();
+        for workload in workloads {
+            sources.push(PlannedSource {
+                namespace: workload.namespace.clone(),
+                image_pull_secrets: workload.image_pull_secrets.clone(),
+                service_account: workload.service_account.clone(),
+                scheduling: respect_scheduling.then(|| workload.scheduling.clone()),
+                tolerations: tolerations_for(&workload.scheduling.tolerations),
+                images: canonical(&workload.images),
+            });
+        }
+        let has_workloads = !sources.is_empty();
+        let extra_images = canonical(&extra.images);
+        let has_extras = !extra_images.is_empty();
+        if has_extras {
+            sources.push(PlannedSource {
+                namespace: extra.namespace.clone(),
+                image_pull_secrets: extra.image_pull_secrets.clone(),
+                service_account: None,
+                scheduling: None,
+                // The Prefetch's own images have no workload to follow: its
+                // own tolerations decide which tainted nodes they go to.
+                tolerations: tolerations_for(&targeting.tolerations),
+                images: extra_images,
+            });
+        }
+        Planner {
+            sources,
+            has_workloads,
+            has_extras,
+            targeting,
+            images,
+            invalid_images,
         }
     }
 
-    let tolerations_for = |own: &[Toleration]| {
-        if tolerate_all_taints {
-            vec![tolerate_everything()]
-        } else {
-            own.to_vec()
+    /// The pairs of one node, or `None` when the node is not counted as
+    /// targeted (see [`desired_pulls`]).
+    pub fn plan_node(&self, node: &NodeView) -> Option<Vec<PullTarget>> {
+        if !self.targeting.targets(node) {
+            return None;
         }
-    };
-
-    for node in nodes.iter().filter(|node| targeting.targets(node)) {
-        let mut any_workload_allowed = false;
-        for (workload, images) in workloads.iter().zip(&workload_images) {
-            if respect_scheduling && !workload.scheduling.allows(node) {
+        let mut any_allowed = false;
+        let own_images_allowed = self.has_extras && self.targeting.allows_own_images(node);
+        let workload_count = self.sources.len() - usize::from(self.has_extras);
+        let mut pairs: Vec<PullTarget> = Vec::new();
+        for (index, source) in self.sources.iter().enumerate() {
+            let allowed = if index >= workload_count {
+                own_images_allowed
+            } else {
+                source
+                    .scheduling
+                    .as_ref()
+                    .is_none_or(|scheduling| scheduling.allows(node))
+            };
+            if !allowed {
                 continue;
             }
-            any_workload_allowed = true;
-            for image in images {
-                let key = PairKey::new(node.name.clone(), image.clone());
-                desired.pairs.entry(key).or_insert_with(|| PullTarget {
+            any_allowed = true;
+            for image in &source.images {
+                // First source wins; a node has at most a few dozen pairs.
+                if pairs.iter().any(|pair| pair.image == *image) {
+                    continue;
+                }
+                pairs.push(PullTarget {
                     node: node.name.clone(),
                     image: image.clone(),
-                    namespace: workload.namespace.clone(),
-                    image_pull_secrets: workload.image_pull_secrets.clone(),
-                    service_account: workload.service_account.clone(),
-                    tolerations: tolerations_for(&workload.scheduling.tolerations),
+                    namespace: source.namespace.clone(),
+                    image_pull_secrets: source.image_pull_secrets.clone(),
+                    service_account: source.service_account.clone(),
+                    tolerations: source.tolerations.clone(),
                 });
             }
         }
-        // The Prefetch's own images have no workload to follow: its own
-        // tolerations decide which tainted nodes they may go to.
-        let own_images_allowed = targeting.allows_own_images(node);
-        if own_images_allowed {
-            for image in &extra_images {
-                let key = PairKey::new(node.name.clone(), image.clone());
-                desired.pairs.entry(key).or_insert_with(|| PullTarget {
-                    node: node.name.clone(),
-                    image: image.clone(),
-                    namespace: extra.namespace.clone(),
-                    image_pull_secrets: extra.image_pull_secrets.clone(),
-                    service_account: None,
-                    tolerations: tolerations_for(&targeting.tolerations),
-                });
-            }
+        let nothing_to_pull = !self.has_workloads && !self.has_extras;
+        (any_allowed || nothing_to_pull).then_some(pairs)
+    }
+
+    /// The whole desired set over `nodes`.
+    pub fn plan<'a>(&self, nodes: impl IntoIterator<Item = &'a NodeView>) -> DesiredSet {
+        let mut desired = DesiredSet {
+            images: self.images.clone(),
+            invalid_images: self.invalid_images.clone(),
+            ..DesiredSet::default()
+        };
+        for node in nodes {
+            let plan = self.plan_node(node);
+            desired.replace_node(&node.name, plan);
         }
-        let has_own_images = own_images_allowed && !extra_images.is_empty();
-        let nothing_to_pull = workloads.is_empty() && extra_images.is_empty();
-        if any_workload_allowed || has_own_images || nothing_to_pull {
-            desired.nodes.insert(node.name.clone());
+        desired
+    }
+
+    /// Every valid canonical image of the sources.
+    pub fn images(&self) -> &BTreeSet<String> {
+        &self.images
+    }
+
+    pub fn invalid_images(&self) -> &[ImageRefError] {
+        &self.invalid_images
+    }
+}
+
+impl DesiredSet {
+    /// Replaces the pairs of `node` with `plan` (`None`: not targeted).
+    /// Costs the node's own pairs, not the whole set. Returns whether
+    /// anything changed (most node events, image list updates of a node
+    /// already served, change nothing here).
+    pub fn replace_node(&mut self, node: &str, plan: Option<Vec<PullTarget>>) -> bool {
+        let stale: Vec<PairKey> = self.node_keys(node).cloned().collect();
+        let old: Vec<PullTarget> = stale
+            .iter()
+            .filter_map(|key| self.pairs.remove(key))
+            .collect();
+        match plan {
+            Some(mut pairs) => {
+                let newly_targeted = self.nodes.insert(node.to_string());
+                // `old` is in key order (by image); compare alike.
+                pairs.sort_by(|a, b| a.image.cmp(&b.image));
+                let changed = newly_targeted || old != pairs;
+                for target in pairs {
+                    self.pairs.insert(target.key(), target);
+                }
+                changed
+            }
+            None => self.nodes.remove(node) || !old.is_empty(),
         }
     }
-    desired
+
+    /// The keys of one node's pairs (they are contiguous: keys sort by node).
+    pub fn node_keys<'a>(&'a self, node: &str) -> impl Iterator<Item = &'a PairKey> + 'a {
+        let node = node.to_string();
+        self.pairs
+            .range(PairKey::new(node.clone(), String::new())..)
+            .map(|(key, _)| key)
+            .take_while(move |key| key.node == node)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::api::WorkloadKind;
-    use crate::pull::targeting::SchedulingConstraints;
     use k8s_openapi::api::core::v1::Taint;
 
     fn node(name: &str, labels: &[(&str, &str)]) -> NodeView {
@@ -499,5 +617,106 @@ mod tests {
             keys(&desired),
             vec![pair("a", "docker.io/library/nginx:latest")]
         );
+    }
+
+    fn labelled(name: &str, pool: &str) -> NodeView {
+        node(name, &[("pool", pool)])
+    }
+
+    fn pool_workload(pool: &str, images: &[&str]) -> WorkloadImages {
+        let mut w = workload("ns", pool, images);
+        w.scheduling.node_selector = [("pool".to_string(), pool.to_string())].into();
+        w
+    }
+
+    /// A node event re-plans that node alone and ends exactly where a whole
+    /// re-plan would: node added, updated (labels move it to another
+    /// workload), made unready, deleted.
+    #[test]
+    fn node_by_node_planning_matches_a_whole_replan() {
+        let workloads = vec![
+            pool_workload("a", &["nginx:1", "redis:7"]),
+            pool_workload("b", &["postgres:16"]),
+        ];
+        let planner = Planner::new(
+            workloads.iter(),
+            &extra(&["busybox:1.36"]),
+            workers(),
+            true,
+            false,
+        );
+        let mut nodes = vec![labelled("worker1", "a"), labelled("worker2", "b")];
+        let mut desired = planner.plan(nodes.iter());
+        let whole = |nodes: &[NodeView]| {
+            desired_pulls(
+                nodes,
+                &workloads,
+                &extra(&["busybox:1.36"]),
+                &workers(),
+                true,
+                false,
+            )
+        };
+        assert_eq!(desired, whole(&nodes));
+
+        // Unchanged: nothing to do for anyone.
+        assert!(!desired.replace_node("worker1", planner.plan_node(&nodes[0])));
+
+        // Added.
+        let added = labelled("worker3", "a");
+        assert!(desired.replace_node(&added.name, planner.plan_node(&added)));
+        nodes.push(added);
+        assert_eq!(desired, whole(&nodes));
+        assert_eq!(desired.node_keys("worker3").count(), 3);
+
+        // Updated: worker1 moves from pool a to pool b.
+        nodes[0] = labelled("worker1", "b");
+        desired.replace_node("worker1", planner.plan_node(&nodes[0]));
+        assert_eq!(desired, whole(&nodes));
+        assert_eq!(
+            desired
+                .node_keys("worker1")
+                .map(|key| key.image.as_str())
+                .collect::<Vec<_>>(),
+            vec![
+                "docker.io/library/busybox:1.36",
+                "docker.io/library/postgres:16"
+            ]
+        );
+
+        // Not ready any more: no longer targeted.
+        nodes[1].ready = false;
+        desired.replace_node("worker2", planner.plan_node(&nodes[1]));
+        assert_eq!(desired, whole(&nodes));
+        assert!(!desired.nodes.contains("worker2"));
+
+        // Deleted.
+        nodes.remove(2);
+        desired.replace_node("worker3", None);
+        assert_eq!(desired, whole(&nodes));
+        assert_eq!(desired.node_keys("worker3").count(), 0);
+    }
+
+    #[test]
+    fn untargeted_node_plans_nothing() {
+        let planner = Planner::new(
+            [workload("ns", "w", &["nginx:1"])].iter(),
+            &no_extra(),
+            workers(),
+            true,
+            false,
+        );
+        assert_eq!(planner.plan_node(&node("control", &[])), None);
+        assert_eq!(
+            planner
+                .plan_node(&node("worker1", &[]))
+                .map(|pairs| pairs.len()),
+            Some(1)
+        );
+        assert_eq!(
+            planner.images().iter().cloned().collect::<Vec<_>>(),
+            vec!["docker.io/library/nginx:1"]
+        );
+        assert!(planner.invalid_images().is_empty());
     }
 }

@@ -1,5 +1,5 @@
-//! The per-Prefetch state machine of (node, image) pairs, and the shared
-//! per-cluster concurrency budget.
+//! The per-Prefetch state machine of (node, image) pairs. The slots pulls
+//! run in belong to the cluster's dispatch queue (`crate::pull::dispatch`).
 //!
 //! ```text
 //!            dispatched/adopted               Succeeded / node reports image
@@ -86,21 +86,19 @@ pub enum PairStatus {
     Idle,
     InFlight {
         pod: String,
+        /// `metadata.uid` of the pod, once known (from the create response
+        /// or its first event): events of an earlier pod with the same name
+        /// are not this attempt's.
+        uid: Option<String>,
         since: Instant,
     },
     /// Failed transiently; due again at `until`.
-    BackingOff {
-        until: Instant,
-    },
+    BackingOff { until: Instant },
     /// On the node since `at` (a pull succeeded or the node reported it).
-    Satisfied {
-        at: Instant,
-    },
+    Satisfied { at: Instant },
     /// Permanently failed or out of attempts; retried from scratch after
     /// `retry_after`, in case the registry or credentials were fixed.
-    Failed {
-        at: Instant,
-    },
+    Failed { at: Instant },
 }
 
 #[derive(Debug, Clone)]
@@ -158,9 +156,9 @@ impl Pair {
 pub struct Tracker {
     policy: BackoffPolicy,
     pairs: BTreeMap<PairKey, Pair>,
-    /// In-flight pods (name, dispatch time) whose pair is no longer
+    /// In-flight pods (name, uid, dispatch time) whose pair is no longer
     /// desired, waiting to be deleted.
-    orphans: BTreeMap<PairKey, (String, Instant)>,
+    orphans: BTreeMap<PairKey, (String, Option<String>, Instant)>,
     desired_ever_set: bool,
     failure_sequence: u64,
 }
@@ -186,25 +184,59 @@ impl Tracker {
     /// comes back before its orphan was collected takes its pod back.
     pub fn set_desired(&mut self, desired: &DesiredSet) {
         self.desired_ever_set = true;
-        let previous = std::mem::take(&mut self.pairs);
-        for (key, pair) in previous {
-            if desired.pairs.contains_key(&key) {
-                self.pairs.insert(key, pair);
-            } else if let PairStatus::InFlight { pod, since } = pair.status {
-                self.orphans.insert(key, (pod, since));
-            }
+        let dropped: Vec<PairKey> = self
+            .pairs
+            .keys()
+            .filter(|key| !desired.pairs.contains_key(*key))
+            .cloned()
+            .collect();
+        for key in dropped {
+            self.drop_pair(&key);
         }
         for key in desired.pairs.keys() {
-            if self.pairs.contains_key(key) {
-                continue;
-            }
-            let mut pair = Pair::idle();
-            if let Some((pod, since)) = self.orphans.remove(key) {
-                // The pod still pulls what we want again: keep it.
-                pair.status = PairStatus::InFlight { pod, since };
-            }
-            self.pairs.insert(key.clone(), pair);
+            self.add_pair(key);
         }
+    }
+
+    /// Like [`Tracker::set_desired`] for the pairs of one node only: what a
+    /// node event costs is that node's pairs, not the whole set.
+    pub fn set_node_desired(&mut self, node: &str, desired: &DesiredSet) {
+        self.desired_ever_set = true;
+        let dropped: Vec<PairKey> = self
+            .pairs
+            .range(PairKey::new(node, "")..)
+            .map(|(key, _)| key)
+            .take_while(|key| key.node == node)
+            .filter(|key| !desired.pairs.contains_key(*key))
+            .cloned()
+            .collect();
+        for key in dropped {
+            self.drop_pair(&key);
+        }
+        for key in desired.node_keys(node) {
+            self.add_pair(key);
+        }
+    }
+
+    fn drop_pair(&mut self, key: &PairKey) {
+        if let Some(pair) = self.pairs.remove(key)
+            && let PairStatus::InFlight { pod, uid, since } = pair.status
+        {
+            self.orphans.insert(key.clone(), (pod, uid, since));
+        }
+    }
+
+    /// A new pair starts Idle; a kept pair keeps its state.
+    fn add_pair(&mut self, key: &PairKey) {
+        if self.pairs.contains_key(key) {
+            return;
+        }
+        let mut pair = Pair::idle();
+        if let Some((pod, uid, since)) = self.orphans.remove(key) {
+            // The pod still pulls what we want again: keep it.
+            pair.status = PairStatus::InFlight { pod, uid, since };
+        }
+        self.pairs.insert(key.clone(), pair);
     }
 
     /// Whether `key` is desired.
@@ -223,11 +255,28 @@ impl Tracker {
 
     /// The node lists the image: satisfied without a pull. An in-flight
     /// pair keeps waiting for its pod, whose outcome will follow.
-    pub fn node_reports_image(&mut self, key: &PairKey, now: Instant) {
-        if let Some(pair) = self.pairs.get_mut(key)
-            && !matches!(pair.status, PairStatus::InFlight { .. })
-        {
-            pair.satisfy(now);
+    /// Returns whether the pair was not satisfied before (a change anyone
+    /// cares about; refreshing a satisfied pair only moves its next check).
+    pub fn node_reports_image(&mut self, key: &PairKey, now: Instant) -> bool {
+        match self.pairs.get_mut(key) {
+            Some(pair) if !matches!(pair.status, PairStatus::InFlight { .. }) => {
+                let newly = !matches!(pair.status, PairStatus::Satisfied { .. });
+                pair.satisfy(now);
+                newly
+            }
+            _ => false,
+        }
+    }
+
+    /// A pair not started yet was verified at `at` by an earlier process
+    /// (see `crate::pull::verified`). Returns whether it was taken.
+    pub fn restore_verified(&mut self, key: &PairKey, at: Instant) -> bool {
+        match self.pairs.get_mut(key) {
+            Some(pair) if matches!(pair.status, PairStatus::Idle) => {
+                pair.satisfy(at);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -242,19 +291,73 @@ impl Tracker {
                 }
                 pair.status = PairStatus::InFlight {
                     pod: pod_name.to_string(),
+                    uid: None,
                     since: now,
                 };
             }
             None => {
                 self.orphans
-                    .insert(key.clone(), (pod_name.to_string(), now));
+                    .insert(key.clone(), (pod_name.to_string(), None, now));
             }
         }
     }
 
-    /// A pull pod found after a restart: treated exactly like a dispatch.
-    pub fn on_adopted(&mut self, key: &PairKey, pod_name: &str, now: Instant) {
+    /// A pull pod found after a restart (or on a create conflict): treated
+    /// like a dispatch whose pod is known.
+    pub fn on_adopted(&mut self, key: &PairKey, pod_name: &str, uid: &str, now: Instant) {
         self.on_dispatched(key, pod_name, now);
+        self.bind_uid(key, pod_name, uid);
+    }
+
+    /// Learns the uid of the in-flight pod `pod_name` of `key`, if not
+    /// known yet; a different pod of that name is not bound.
+    pub fn bind_uid(&mut self, key: &PairKey, pod_name: &str, pod_uid: &str) {
+        if let Some(pair) = self.pairs.get_mut(key)
+            && let PairStatus::InFlight { pod, uid, .. } = &mut pair.status
+            && pod == pod_name
+            && uid.is_none()
+        {
+            *uid = Some(pod_uid.to_string());
+        }
+    }
+
+    /// Whether the pod `pod_name` with `pod_uid` is the current attempt of
+    /// `key`. Until its uid is known, any pod of that name is (the caller
+    /// skips pods it already judged); then only that one.
+    pub fn is_current_pod(&self, key: &PairKey, pod_name: &str, pod_uid: &str) -> bool {
+        matches!(
+            self.pairs.get(key).map(|pair| &pair.status),
+            Some(PairStatus::InFlight { pod, uid, .. })
+                if pod == pod_name && uid.as_deref().is_none_or(|uid| uid == pod_uid)
+        )
+    }
+
+    /// Whether `key` needs a pull now (see [`Tracker::due`]).
+    pub fn is_due(&self, key: &PairKey, now: Instant, retry_after: Duration) -> bool {
+        self.pairs
+            .get(key)
+            .is_some_and(|pair| pair.is_due(now, retry_after))
+    }
+
+    /// The uid of the in-flight pod of `key`, once known.
+    pub fn in_flight_uid(&self, key: &PairKey) -> Option<&str> {
+        match self.pairs.get(key).map(|pair| &pair.status) {
+            Some(PairStatus::InFlight { uid, .. }) => uid.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Creating the pod failed because one of that name still exists (an
+    /// earlier attempt being deleted): try again after `delay`, without
+    /// counting an attempt.
+    pub fn on_create_conflict(&mut self, key: &PairKey, now: Instant, delay: Duration) {
+        if let Some(pair) = self.pairs.get_mut(key)
+            && matches!(pair.status, PairStatus::InFlight { .. })
+        {
+            pair.status = PairStatus::BackingOff {
+                until: now.checked_add(delay).unwrap_or(now),
+            };
+        }
     }
 
     /// The pull pod of `key` was judged. Succeeded always counts. A failure
@@ -351,7 +454,7 @@ impl Tracker {
 
     /// Like [`Tracker::next_wakeup`], but only instants strictly after
     /// `now`: what a timer should wait for once everything due now was
-    /// handled (or is blocked by a budget, which wakes the actor itself).
+    /// handled (or waits for a slot of the dispatch queue, which grants it).
     pub fn next_wakeup_after(&self, now: Instant, retry_after: Duration) -> Option<Instant> {
         self.pairs
             .values()
@@ -379,11 +482,11 @@ impl Tracker {
     }
 
     /// In-flight pods of pairs no longer desired; the caller deletes them
-    /// (and releases their budget). Each is returned once.
+    /// (and releases their slots). Each is returned once.
     pub fn orphaned_in_flight(&mut self) -> Vec<(PairKey, String)> {
         std::mem::take(&mut self.orphans)
             .into_iter()
-            .map(|(key, (pod, _))| (key, pod))
+            .map(|(key, (pod, _, _))| (key, pod))
             .collect()
     }
 
@@ -455,92 +558,10 @@ fn saturating_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
-/// Concurrency limits shared by all Prefetches of one cluster: pull pods in
-/// flight per node (the kubelet pulls serially by default, so more mostly
-/// queue up) and in the whole cluster.
-#[derive(Debug, Clone)]
-pub struct Budget {
-    per_node: usize,
-    per_cluster: usize,
-    by_node: BTreeMap<String, usize>,
-    total: usize,
-}
-
-impl Budget {
-    /// A limit of 0 admits nothing.
-    pub fn new(per_node: usize, per_cluster: usize) -> Self {
-        Budget {
-            per_node,
-            per_cluster,
-            by_node: BTreeMap::new(),
-            total: 0,
-        }
-    }
-
-    /// Takes one slot on `node` if both limits allow it.
-    pub fn try_acquire(&mut self, node: &str) -> bool {
-        if self.is_full() || self.node_in_flight(node) >= self.per_node {
-            return false;
-        }
-        self.force_acquire(node);
-        true
-    }
-
-    /// Takes a slot regardless of the limits: for pods adopted after a
-    /// restart, which exist whether or not they fit.
-    pub fn force_acquire(&mut self, node: &str) {
-        *self.by_node.entry(node.to_string()).or_insert(0) += 1;
-        self.total += 1;
-    }
-
-    /// Gives back one slot on `node`; releasing more than acquired is a no-op.
-    pub fn release(&mut self, node: &str) {
-        if let Some(count) = self.by_node.get_mut(node) {
-            *count -= 1;
-            self.total -= 1;
-            if *count == 0 {
-                self.by_node.remove(node);
-            }
-        }
-    }
-
-    pub fn in_flight(&self) -> usize {
-        self.total
-    }
-
-    pub fn node_in_flight(&self, node: &str) -> usize {
-        self.by_node.get(node).copied().unwrap_or(0)
-    }
-
-    /// No slot left anywhere in the cluster.
-    pub fn is_full(&self) -> bool {
-        self.total >= self.per_cluster
-    }
-}
-
-/// Picks, in order, the due pairs to dispatch now: at most
-/// `per_prefetch_free`, skipping pairs whose node is full, stopping when the
-/// cluster is full. Slots of the returned pairs are acquired in `budget`.
-pub fn select_dispatch(
-    due: &[PairKey],
-    per_prefetch_free: usize,
-    budget: &mut Budget,
-) -> Vec<PairKey> {
-    let mut selected = Vec::new();
-    for key in due {
-        if selected.len() >= per_prefetch_free || budget.is_full() {
-            break;
-        }
-        if budget.try_acquire(&key.node) {
-            selected.push(key.clone());
-        }
-    }
-    selected
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pull::dispatch::DispatchQueue;
     use crate::pull::plan::PullTarget;
 
     const RETRY: Duration = Duration::from_secs(300);
@@ -898,13 +919,15 @@ mod tests {
         let now = Instant::now();
         let mut tracker = Tracker::new(policy());
         tracker.set_desired(&desired(&[("n1", "a")]));
-        tracker.on_adopted(&key("n1", "a"), "pod-a", now);
+        tracker.on_adopted(&key("n1", "a"), "pod-a", "uid-1", now);
         assert_eq!(
             tracker.in_flight(),
             vec![(key("n1", "a"), "pod-a".to_string())]
         );
+        assert!(tracker.is_current_pod(&key("n1", "a"), "pod-a", "uid-1"));
+        assert!(!tracker.is_current_pod(&key("n1", "a"), "pod-a", "uid-0"));
         // An adopted pod of a pair we no longer want is an orphan.
-        tracker.on_adopted(&key("n1", "old"), "pod-old", now);
+        tracker.on_adopted(&key("n1", "old"), "pod-old", "uid-2", now);
         assert_eq!(
             tracker.orphaned_in_flight(),
             vec![(key("n1", "old"), "pod-old".to_string())]
@@ -1011,91 +1034,106 @@ mod tests {
     }
 
     #[test]
-    fn budget_per_node_and_per_cluster() {
-        let mut budget = Budget::new(1, 3);
-        assert!(budget.try_acquire("n1"));
-        assert!(!budget.try_acquire("n1"), "per-node cap");
-        assert!(budget.try_acquire("n2"));
-        assert!(budget.try_acquire("n3"));
-        assert!(budget.is_full());
-        assert!(!budget.try_acquire("n4"), "per-cluster cap");
-        assert_eq!(budget.in_flight(), 3);
-        assert_eq!(budget.node_in_flight("n1"), 1);
-
-        budget.release("n1");
-        assert_eq!(budget.in_flight(), 2);
-        assert!(budget.try_acquire("n4"));
-        assert!(!budget.try_acquire("n1"));
-
-        budget.release("n9");
-        budget.release("n1");
-        budget.release("n1");
-        assert_eq!(budget.in_flight(), 3, "over-release is a no-op");
-
-        let mut two_per_node = Budget::new(2, 10);
-        assert!(two_per_node.try_acquire("n1"));
-        assert!(two_per_node.try_acquire("n1"));
-        assert!(!two_per_node.try_acquire("n1"));
-
-        let mut closed = Budget::new(1, 0);
-        assert!(!closed.try_acquire("n1"));
-
-        let mut adopted = Budget::new(1, 1);
-        adopted.force_acquire("n1");
-        adopted.force_acquire("n1");
-        assert_eq!(adopted.in_flight(), 2);
-        assert!(!adopted.try_acquire("n2"));
-    }
-
-    #[test]
-    fn select_dispatch_respects_all_caps() {
-        let due = vec![
-            key("n1", "a"),
-            key("n2", "a"),
-            key("n1", "b"),
-            key("n2", "b"),
-            key("n3", "a"),
-        ];
-        // Per node 1: the second pair of n1 and n2 is skipped, n3 still fits.
-        let mut budget = Budget::new(1, 10);
-        let picked = select_dispatch(&due, 10, &mut budget);
-        assert_eq!(picked, vec![key("n1", "a"), key("n2", "a"), key("n3", "a")]);
-        assert_eq!(budget.in_flight(), 3);
-
-        // Per-prefetch cap.
-        let mut budget = Budget::new(5, 10);
-        assert_eq!(select_dispatch(&due, 2, &mut budget).len(), 2);
-        assert_eq!(budget.in_flight(), 2);
-        assert!(select_dispatch(&due, 0, &mut budget).is_empty());
-
-        // Per-cluster cap, shared with another Prefetch's pods.
-        let mut budget = Budget::new(5, 3);
-        assert!(budget.try_acquire("n9"));
-        assert_eq!(
-            select_dispatch(&due, 10, &mut budget),
-            vec![key("n1", "a"), key("n2", "a")]
-        );
-        assert!(budget.is_full());
-    }
-
-    #[test]
-    fn tracker_flow_with_budget() {
+    fn tracker_flow_with_dispatch_queue() {
         let now = Instant::now();
         let mut tracker = Tracker::new(policy());
         tracker.set_desired(&desired(&[("n1", "a"), ("n1", "b"), ("n2", "a")]));
-        let mut budget = Budget::new(1, 10);
-        let picked = select_dispatch(&tracker.due(now, RETRY), 10, &mut budget);
+        let mut queue = DispatchQueue::new(1, 10);
+        queue.request("pf", tracker.due(now, RETRY), 10);
+        let picked = queue.grant().remove("pf").unwrap_or_default();
         assert_eq!(picked, vec![key("n1", "a"), key("n2", "a")]);
         for k in &picked {
             tracker.on_dispatched(k, "p", now);
         }
         assert_eq!(tracker.due(now, RETRY), vec![key("n1", "b")]);
-        assert!(select_dispatch(&tracker.due(now, RETRY), 10, &mut budget).is_empty());
+        queue.request("pf", tracker.due(now, RETRY), 10);
+        assert!(queue.grant().is_empty());
         tracker.on_outcome(&key("n1", "a"), Outcome::Succeeded, now);
-        budget.release("n1");
+        queue.release("pf", "n1");
+        assert_eq!(queue.grant().remove("pf"), Some(vec![key("n1", "b")]));
+    }
+
+    /// A node event updates that node's pairs only; other nodes' pairs and
+    /// kept pairs keep their state, a dropped in-flight pair's pod becomes an
+    /// orphan to delete.
+    #[test]
+    fn node_update_touches_only_that_node() {
+        let t0 = Instant::now();
+        let mut tracker = Tracker::new(policy());
+        tracker.set_desired(&desired(&[("n1", "a"), ("n1", "b"), ("n2", "a")]));
+        tracker.on_dispatched(&key("n1", "a"), "pod-n1-a", t0);
+        tracker.on_outcome(&key("n1", "a"), Outcome::Succeeded, t0);
+        tracker.on_dispatched(&key("n1", "b"), "pod-n1-b", t0);
+        tracker.on_dispatched(&key("n2", "a"), "pod-n2-a", t0);
+
+        // n1 now wants a and c (b dropped while in flight).
+        let next = desired(&[("n1", "a"), ("n1", "c"), ("n2", "a")]);
+        tracker.set_node_desired("n1", &next);
+        assert!(matches!(
+            tracker.status(&key("n1", "a")),
+            Some(PairStatus::Satisfied { .. })
+        ));
+        assert_eq!(tracker.status(&key("n1", "c")), Some(&PairStatus::Idle));
+        assert_eq!(tracker.status(&key("n1", "b")), None);
+        assert!(matches!(
+            tracker.status(&key("n2", "a")),
+            Some(PairStatus::InFlight { .. })
+        ));
         assert_eq!(
-            select_dispatch(&tracker.due(now, RETRY), 10, &mut budget),
-            vec![key("n1", "b")]
+            tracker.orphaned_in_flight(),
+            vec![(key("n1", "b"), "pod-n1-b".to_string())]
+        );
+
+        // n2 deleted.
+        let without_n2 = desired(&[("n1", "a"), ("n1", "c")]);
+        tracker.set_node_desired("n2", &without_n2);
+        assert_eq!(tracker.status(&key("n2", "a")), None);
+        assert_eq!(tracker.counts().total, 2);
+        assert_eq!(
+            tracker.orphaned_in_flight(),
+            vec![(key("n2", "a"), "pod-n2-a".to_string())]
+        );
+    }
+
+    /// Events of an earlier pod with the same name do not belong to a new
+    /// attempt once the new pod's uid is known.
+    #[test]
+    fn pods_are_told_apart_by_uid() {
+        let now = Instant::now();
+        let mut tracker = Tracker::new(policy());
+        let k = key("n1", "a");
+        tracker.set_desired(&desired(&[("n1", "a")]));
+        tracker.on_dispatched(&k, "pod-a", now);
+        // Before the uid is known, the name decides.
+        assert!(tracker.is_current_pod(&k, "pod-a", "new"));
+        assert!(!tracker.is_current_pod(&k, "pod-b", "new"));
+        tracker.bind_uid(&k, "pod-a", "new");
+        // Bound once: another uid does not replace it.
+        tracker.bind_uid(&k, "pod-a", "old");
+        assert!(tracker.is_current_pod(&k, "pod-a", "new"));
+        assert!(!tracker.is_current_pod(&k, "pod-a", "old"));
+
+        // A create conflict waits without counting an attempt.
+        tracker.on_create_conflict(&k, now, secs(1));
+        assert_eq!(tracker.attempts(&k), 0);
+        assert!(tracker.due(now, RETRY).is_empty());
+        assert_eq!(tracker.due(now + secs(1), RETRY), vec![k.clone()]);
+        assert!(!tracker.is_current_pod(&k, "pod-a", "new"));
+    }
+
+    #[test]
+    fn node_report_says_whether_it_changed_anything() {
+        let now = Instant::now();
+        let mut tracker = Tracker::new(policy());
+        let k = key("n1", "a");
+        tracker.set_desired(&desired(&[("n1", "a")]));
+        assert!(tracker.node_reports_image(&k, now));
+        assert!(!tracker.node_reports_image(&k, now + secs(1)), "a refresh");
+        tracker.on_dispatched(&k, "pod", now);
+        assert!(!tracker.node_reports_image(&k, now), "in flight: untouched");
+        assert!(
+            !tracker.node_reports_image(&key("n9", "a"), now),
+            "not desired"
         );
     }
 }

@@ -103,7 +103,7 @@ async fn run(method: &str, pulls: usize, info: &realnode::RealInfo) -> Result<()
     let started = Instant::now();
     harness::apply(
         &ns.api::<Prefetch>(),
-        realnode::prefetch(
+        harness::prefetch_json(
             "bench",
             json!({ "images": images, "node_filter": "real-worker" }),
         ),

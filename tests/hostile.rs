@@ -23,15 +23,6 @@ const READY_TIMEOUT: Duration = Duration::from_secs(90);
 /// because a simpler check already failed.
 const NOT_CHECKED: &str = ", <nil>: Invalid value: null: some validation rules were not checked because the object was invalid; correct the existing errors to complete validation]";
 
-fn prefetch_json(name: &str, spec: serde_json::Value) -> serde_json::Value {
-    json!({
-        "apiVersion": "cache.techsquad.rocks/v1",
-        "kind": "Prefetch",
-        "metadata": { "name": name },
-        "spec": spec,
-    })
-}
-
 /// The message of the API server's refusal, as `kubectl` shows it.
 fn api_server_message(error: &anyhow::Error) -> String {
     error

@@ -19,15 +19,6 @@ use serde_json::json;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
-fn prefetch_json(name: &str, spec: serde_json::Value) -> serde_json::Value {
-    json!({
-        "apiVersion": "cache.techsquad.rocks/v1",
-        "kind": "Prefetch",
-        "metadata": { "name": name },
-        "spec": spec,
-    })
-}
-
 fn deployment_json(
     name: &str,
     labels: serde_json::Value,

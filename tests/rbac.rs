@@ -214,15 +214,6 @@ fn forbidden_lines(log: &str) -> Vec<&str> {
         .collect()
 }
 
-fn prefetch_json(name: &str, spec: serde_json::Value) -> serde_json::Value {
-    json!({
-        "apiVersion": "cache.techsquad.rocks/v1",
-        "kind": "Prefetch",
-        "metadata": { "name": name },
-        "spec": spec,
-    })
-}
-
 /// What the orchestrator, reaching the cluster only as `operator`, must get
 /// done with the Prefetches of [`shipped_target_rbac_is_exactly_what_kube_prefetch_needs`].
 async fn works_as_operator(

@@ -158,7 +158,7 @@ async fn awkward_images_pull_with_a_restricted_pod() -> Result<()> {
         let run = orchestrator("awkward", method, &info).await?;
         apply(
             &ns.api::<Prefetch>(),
-            prefetch(
+            prefetch_json(
                 "awkward",
                 json!({ "images": images, "node_filter": "real-worker" }),
             ),
@@ -213,7 +213,7 @@ async fn missing_image_fails_with_the_registry_message() -> Result<()> {
         let run = orchestrator("missing", method, &info).await?;
         apply(
             &ns.api::<Prefetch>(),
-            prefetch(
+            prefetch_json(
                 "missing",
                 json!({ "images": [image], "node_filter": "real-worker" }),
             ),
@@ -337,7 +337,7 @@ async fn private_image_needs_the_workload_pull_secret() -> Result<()> {
         for (name, app) in [("allowed", "with-secret"), ("refused", "without-secret")] {
             apply(
                 &ns.api::<Prefetch>(),
-                prefetch(
+                prefetch_json(
                     name,
                     json!({ "filter_by_labels": { "app": app }, "node_filter": "real-worker" }),
                 ),
@@ -402,7 +402,7 @@ async fn image_reported_by_the_kubelet_is_not_pulled_again() -> Result<()> {
         let log = PodLog::start(ns.client()).await?;
         let run = orchestrator("reported", method, &info).await?;
         let spec = json!({ "images": [image], "node_filter": "real-worker" });
-        apply(&ns.api::<Prefetch>(), prefetch("first", spec.clone())).await?;
+        apply(&ns.api::<Prefetch>(), prefetch_json("first", spec.clone())).await?;
         wait_phase(
             &ns.client(),
             ns.name(),
@@ -415,7 +415,7 @@ async fn image_reported_by_the_kubelet_is_not_pulled_again() -> Result<()> {
         let pods_before = log.pods_in(ns.name()).len();
         assert_eq!(pods_before, 1, "{method}: the first Prefetch pulled once");
 
-        apply(&ns.api::<Prefetch>(), prefetch("second", spec)).await?;
+        apply(&ns.api::<Prefetch>(), prefetch_json("second", spec)).await?;
         let status = wait_phase(
             &ns.client(),
             ns.name(),
@@ -507,7 +507,7 @@ async fn kubelet_stopped_mid_pull_recovers() -> Result<()> {
         .await?;
         apply(
             &ns.api::<Prefetch>(),
-            prefetch(
+            prefetch_json(
                 "big",
                 json!({ "images": [image], "node_filter": "real-worker", "pull_timeout_seconds": 20 }),
             ),

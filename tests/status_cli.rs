@@ -44,15 +44,6 @@ const WIDE_HEADERS: [&str; 12] = [
     "MESSAGE",
 ];
 
-fn prefetch_json(name: &str, spec: serde_json::Value) -> serde_json::Value {
-    json!({
-        "apiVersion": "cache.techsquad.rocks/v1",
-        "kind": "Prefetch",
-        "metadata": { "name": name },
-        "spec": spec,
-    })
-}
-
 /// Runs `kube-prefetch status` with `args` as a script would (stdout a pipe).
 async fn status_command(url: &str, args: &[&str]) -> Result<Output> {
     let mut command = Command::new(binary());

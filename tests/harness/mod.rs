@@ -458,6 +458,16 @@ pub async fn kubectl_apply(
     support::kubectl(&args).await
 }
 
+/// A `Prefetch` named `name` with `spec`, as JSON for [`apply`].
+pub fn prefetch_json(name: &str, spec: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "cache.techsquad.rocks/v1",
+        "kind": "Prefetch",
+        "metadata": { "name": name },
+        "spec": spec,
+    })
+}
+
 /// Creates or replaces an object from JSON, by server-side apply.
 pub async fn apply<K>(api: &Api<K>, object: serde_json::Value) -> Result<K>
 where

@@ -12,7 +12,6 @@ use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::Api;
 use serde::Deserialize;
-use serde_json::json;
 use tokio::sync::OnceCell;
 
 use crate::harness::{Options, Orchestrator, PodLog};
@@ -215,15 +214,6 @@ pub async fn orchestrator_with(
         ..options
     };
     Orchestrator::start(&format!("real-{test}-{method}"), options).await
-}
-
-pub fn prefetch(name: &str, spec: serde_json::Value) -> serde_json::Value {
-    json!({
-        "apiVersion": "cache.techsquad.rocks/v1",
-        "kind": "Prefetch",
-        "metadata": { "name": name },
-        "spec": spec,
-    })
 }
 
 /// The pull pods that ran on the real node, as last seen before deletion.

@@ -895,7 +895,7 @@ async fn bad_input_is_reported_clearly() -> Result<()> {
 
     // A cluster behind a closed port: Unreachable, the others work, and it
     // connects once the port opens.
-    let late = late_cluster_kubeconfig(dir.path(), "sim-3").await?;
+    let late = closed_port_kubeconfig(dir.path(), "sim-3", "late")?;
     let kubeconfig_toml = format!(
         "[[kubeconfig]]\npath = {:?}\ncontexts = [\"sim-1\", \"sim-2\"]\n\n[[kubeconfig]]\npath = {:?}\n",
         support::kubeconfig_path().display().to_string(),
@@ -947,70 +947,6 @@ async fn bad_input_is_reported_clearly() -> Result<()> {
     .await?;
     ns.cleanup().await?;
     Ok(())
-}
-
-/// A kubeconfig whose only context, `late`, reaches `cluster` through a port
-/// that nothing listens on until `open` starts a TCP relay there.
-struct LateCluster {
-    path: std::path::PathBuf,
-    port: u16,
-    upstream: String,
-}
-
-async fn late_cluster_kubeconfig(dir: &std::path::Path, cluster: &str) -> Result<LateCluster> {
-    let mut kubeconfig = kube::config::Kubeconfig::read_from(support::kubeconfig_path())?;
-    let context = kubeconfig
-        .contexts
-        .iter()
-        .find(|c| c.name == cluster)
-        .cloned()
-        .context("sim context")?;
-    let cluster_name = context
-        .context
-        .as_ref()
-        .map(|c| c.cluster.clone())
-        .context("context cluster")?;
-    let port = free_port()?;
-    let mut upstream = String::new();
-    for named in &mut kubeconfig.clusters {
-        if named.name == cluster_name
-            && let Some(entry) = named.cluster.as_mut()
-        {
-            let server = entry.server.clone().context("server")?;
-            upstream = server.trim_start_matches("https://").to_string();
-            entry.server = Some(format!("https://127.0.0.1:{port}"));
-        }
-    }
-    kubeconfig.contexts = vec![kube::config::NamedContext {
-        name: "late".into(),
-        ..context
-    }];
-    kubeconfig.current_context = Some("late".into());
-    let path = dir.join("late.kubeconfig");
-    // JSON is valid YAML.
-    std::fs::write(&path, serde_json::to_string_pretty(&kubeconfig)?)?;
-    Ok(LateCluster {
-        path,
-        port,
-        upstream,
-    })
-}
-
-impl LateCluster {
-    async fn open(&self) -> Result<tokio::task::JoinHandle<()>> {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await?;
-        let upstream = self.upstream.clone();
-        Ok(tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let upstream = upstream.clone();
-                tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-            }
-        }))
-    }
 }
 
 /// A node whose kubelet never answers (not managed by KWOK, marked Ready by

@@ -255,7 +255,7 @@ async fn status_exit_code_follows_failed_prefetches_and_cluster_states() -> Resu
 
     // One cluster behind a port nothing listens on: Unreachable, exit 3.
     let dir = tempfile::tempdir()?;
-    let dead = dead_cluster_kubeconfig(dir.path(), &cluster)?;
+    let dead = closed_port_kubeconfig(dir.path(), &cluster, "dead")?.path;
     let kubeconfig_toml = format!(
         "[[kubeconfig]]\npath = {:?}\ncontexts = [{cluster:?}]\n\n[[kubeconfig]]\npath = {:?}\n",
         support::kubeconfig_path().display().to_string(),
@@ -344,39 +344,6 @@ async fn status_watch_appends_json_lines_when_not_on_a_terminal() -> Result<()> 
         assert_eq!(names, expected_clusters, "{line}");
     }
     Ok(())
-}
-
-/// A kubeconfig with one context, `dead`, whose server is a closed port.
-fn dead_cluster_kubeconfig(dir: &std::path::Path, cluster: &str) -> Result<std::path::PathBuf> {
-    let mut kubeconfig = kube::config::Kubeconfig::read_from(support::kubeconfig_path())?;
-    let context = kubeconfig
-        .contexts
-        .iter()
-        .find(|c| c.name == cluster)
-        .cloned()
-        .context("sim context")?;
-    let cluster_name = context
-        .context
-        .as_ref()
-        .map(|c| c.cluster.clone())
-        .context("context cluster")?;
-    let port = free_port()?;
-    for named in &mut kubeconfig.clusters {
-        if named.name == cluster_name
-            && let Some(entry) = named.cluster.as_mut()
-        {
-            entry.server = Some(format!("https://127.0.0.1:{port}"));
-        }
-    }
-    kubeconfig.contexts = vec![kube::config::NamedContext {
-        name: "dead".into(),
-        ..context
-    }];
-    kubeconfig.current_context = Some("dead".into());
-    let path = dir.join("dead.kubeconfig");
-    // JSON is valid YAML.
-    std::fs::write(&path, serde_json::to_string_pretty(&kubeconfig)?)?;
-    Ok(path)
 }
 
 /// Runs `kube-prefetch status ARGS` on a pseudo-terminal (util-linux

@@ -458,6 +458,76 @@ pub async fn kubectl_apply(
     support::kubectl(&args).await
 }
 
+/// A kubeconfig whose only context, `context`, reaches `cluster` through a
+/// port that nothing listens on, until [`ClosedPortCluster::open`] starts a
+/// TCP relay there: a cluster that is unreachable, then comes back.
+pub struct ClosedPortCluster {
+    pub path: PathBuf,
+    pub port: u16,
+    upstream: String,
+}
+
+pub fn closed_port_kubeconfig(
+    dir: &Path,
+    cluster: &str,
+    context: &str,
+) -> Result<ClosedPortCluster> {
+    let mut kubeconfig = kube::config::Kubeconfig::read_from(support::kubeconfig_path())?;
+    let named_context = kubeconfig
+        .contexts
+        .iter()
+        .find(|c| c.name == cluster)
+        .cloned()
+        .context("sim context")?;
+    let cluster_name = named_context
+        .context
+        .as_ref()
+        .map(|c| c.cluster.clone())
+        .context("context cluster")?;
+    let port = free_port()?;
+    let mut upstream = String::new();
+    for named in &mut kubeconfig.clusters {
+        if named.name == cluster_name
+            && let Some(entry) = named.cluster.as_mut()
+        {
+            let server = entry.server.clone().context("server")?;
+            upstream = server.trim_start_matches("https://").to_string();
+            entry.server = Some(format!("https://127.0.0.1:{port}"));
+        }
+    }
+    kubeconfig.contexts = vec![kube::config::NamedContext {
+        name: context.into(),
+        ..named_context
+    }];
+    kubeconfig.current_context = Some(context.into());
+    let path = dir.join(format!("{context}.kubeconfig"));
+    // JSON is valid YAML.
+    std::fs::write(&path, serde_json::to_string_pretty(&kubeconfig)?)?;
+    Ok(ClosedPortCluster {
+        path,
+        port,
+        upstream,
+    })
+}
+
+impl ClosedPortCluster {
+    /// Relays the port to the real API server from now on.
+    pub async fn open(&self) -> Result<tokio::task::JoinHandle<()>> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await?;
+        let upstream = self.upstream.clone();
+        Ok(tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        }))
+    }
+}
+
 /// A `Prefetch` named `name` with `spec`, as JSON for [`apply`].
 pub fn prefetch_json(name: &str, spec: serde_json::Value) -> serde_json::Value {
     serde_json::json!({

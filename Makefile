@@ -10,6 +10,10 @@ SIM_NODES ?= 4
 # sim-1 for the tests that pull for real (tests/real_nodes.rs).
 SIM_REAL_NODES ?= 1
 export SIM_CLUSTERS SIM_NODES
+# A failing test's own message must be the last thing CI shows, not 40 frames
+# of test-harness backtrace under it (anyhow reads RUST_LIB_BACKTRACE first).
+export RUST_BACKTRACE = 0
+export RUST_LIB_BACKTRACE = 0
 
 CARGO ?= cargo
 

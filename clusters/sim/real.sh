@@ -27,6 +27,11 @@ CNI_BIN_DIR=/usr/lib/cni
 # hybrid layout), so `down` removes exactly ours.
 REAL_CGROUP_TOP=kube-prefetch-sim-$SIM_PORT_OFFSET
 
+# How long a node may go without a heartbeat before the node lifecycle
+# controller marks it NotReady. Fake nodes beat every 20-40 s (stages.yaml), so
+# less than 50 s would flap them; the real kubelet renews its lease every 10 s.
+NODE_MONITOR_GRACE=${SIM_NODE_MONITOR_GRACE:-60s}
+
 registry_port() { # plain | auth | slow
   case $1 in
     plain) echo $((5000 + SIM_PORT_OFFSET)) ;;
@@ -458,6 +463,20 @@ start_real_node() { # k
   start_kubelet "$k"
 }
 
+# kube-controller-manager with only the node lifecycle controller: what marks
+# a node whose kubelet stopped NotReady (Ready=Unknown) and taints it
+# unreachable in a real cluster. No port (--secure-port 0), no leader election.
+start_node_lifecycle_controller() {
+  if pidfile_alive "$REAL_RUN/kube-controller-manager.pid"; then return 0; fi
+  mkdir -p "$REAL_RUN"
+  start_daemon_in "$REAL_RUN" kube-controller-manager "$REAL_BIN/kube-controller-manager" \
+    --kubeconfig "$(cluster_dir "$REAL_CLUSTER")/admin.kubeconfig" \
+    --controllers node-lifecycle-controller \
+    --node-monitor-grace-period "$NODE_MONITOR_GRACE" \
+    --secure-port 0 --leader-elect=false --use-service-account-credentials=false \
+    --profiling=false
+}
+
 # The kubelet runs with system:node rights (RBAC here has no Node authorizer).
 bind_node_role() {
   kubectl_admin "$REAL_CLUSTER" get clusterrolebinding kube-prefetch-sim-nodes >/dev/null 2>&1 ||
@@ -556,6 +575,8 @@ stop_real_node() { # k
 
 stop_real_nodes() {
   local k h
+  stop_pidfile "$REAL_RUN/kube-controller-manager.pid" 20
+  rm -f "$REAL_RUN/kube-controller-manager.pid" "$REAL_RUN/kube-controller-manager.log"
   for k in $(existing_real_nodes); do
     log "stopping real node $(real_node_name "$k")"
     stop_real_node "$k"

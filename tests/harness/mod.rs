@@ -409,17 +409,38 @@ pub async fn wait_phase(
     phase: Phase,
     timeout: Duration,
 ) -> Result<PrefetchStatus> {
+    wait_status(
+        client,
+        namespace,
+        name,
+        &phase.to_string(),
+        timeout,
+        |status| status.phase == Some(phase),
+    )
+    .await
+}
+
+/// Waits until the Prefetch's status satisfies `done` (`what` names it in
+/// the timeout error, which also shows the last status seen).
+pub async fn wait_status(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(&PrefetchStatus) -> bool,
+) -> Result<PrefetchStatus> {
     let deadline = Instant::now() + timeout;
     let mut last: Option<String>;
     loop {
         match prefetch_status(client, namespace, name).await {
-            Ok(Some(status)) if status.phase == Some(phase) => return Ok(status),
+            Ok(Some(status)) if done(&status) => return Ok(status),
             Ok(status) => last = status.map(|s| format!("{s:?}")),
             Err(error) => last = Some(format!("error: {error:#}")),
         }
         if Instant::now() >= deadline {
             bail!(
-                "timed out after {timeout:?} waiting for Prefetch {namespace}/{name} to be {phase}; last status: {last:?}"
+                "timed out after {timeout:?} waiting for Prefetch {namespace}/{name} to be {what}; last status: {last:?}"
             );
         }
         tokio::time::sleep(support::POLL_INTERVAL).await;

@@ -203,6 +203,17 @@ impl PrefetchSpec {
         self.respect_workload_scheduling.unwrap_or(true)
     }
 
+    /// `retry_after` in effect: the spec's (capped), or `default` when unset
+    /// or zero.
+    pub fn retry_after_or(&self, default: std::time::Duration) -> std::time::Duration {
+        match self.retry_after {
+            Some(seconds) if seconds > 0 => {
+                std::time::Duration::from_secs(seconds.min(MAX_RETRY_AFTER_SECONDS).unsigned_abs())
+            }
+            _ => default,
+        }
+    }
+
     pub fn is_suspended(&self) -> bool {
         self.suspend.unwrap_or(false)
     }
@@ -299,8 +310,15 @@ pub struct VerifiedRecord {
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub struct PullCounts {
+    /// Pairs whose image is on the node, including those being re-verified.
     #[schemars(with = "i64")]
     pub ready: u32,
+    /// Of `ready`: pairs being checked again after `retry_after` (a pull
+    /// pod in flight for an image that was there).
+    #[serde(default)]
+    #[schemars(with = "i64")]
+    pub reverifying: u32,
+    /// Pairs with a first pull (or a retry) in flight.
     #[schemars(with = "i64")]
     pub in_flight: u32,
     #[schemars(with = "i64")]

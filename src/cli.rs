@@ -26,7 +26,8 @@ use crate::api::{Phase, Prefetch, WorkloadKind};
 use crate::config::{self, ClusterTarget, Config};
 use crate::error::{api_status_code, describe_kube_error};
 use crate::metrics::Metrics;
-use crate::pull::plan::{ExtraImages, desired_pulls};
+use crate::pull::explain::{Explanation, VerifiedInput, explain};
+use crate::pull::plan::{ExtraImages, Planner};
 use crate::pull::targeting::{NodeTargeting, NodeView};
 use crate::pull::workload::{PodTemplated, WorkloadImages};
 
@@ -65,6 +66,13 @@ pub enum StatusFormat {
     Json,
 }
 
+/// How `kube-prefetch plan` prints the plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PlanFormat {
+    Text,
+    Json,
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -83,10 +91,18 @@ pub enum Command {
         #[arg(long, short, default_value = DEFAULT_CONFIG, env = "KUBE_PREFETCH_CONFIG")]
         config: PathBuf,
     },
-    /// Dry run: print the pulls that would be made, per cluster.
+    /// Dry run: the pulls that would be made, per cluster and Prefetch, and
+    /// why every other node gets none (counts per reason).
     Plan {
         #[arg(long, short, default_value = DEFAULT_CONFIG, env = "KUBE_PREFETCH_CONFIG")]
         config: PathBuf,
+        /// Name the nodes (and pairs) of every group, not only their count.
+        #[arg(long, short)]
+        verbose: bool,
+        /// Output format: `text`, or `json` (every pull, pair and skipped
+        /// node, ungrouped).
+        #[arg(long, short, value_enum, default_value_t = PlanFormat::Text)]
+        output: PlanFormat,
     },
     /// Print the aggregated status of a running instance.
     #[command(after_help = STATUS_EXIT_CODES)]
@@ -168,7 +184,11 @@ pub fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
     }) {
         Command::Run { config } => run(config).map(|()| ExitCode::SUCCESS),
         Command::Check { config } => check(config),
-        Command::Plan { config } => plan(config),
+        Command::Plan {
+            config,
+            verbose,
+            output,
+        } => plan(config, verbose, output),
         Command::Status {
             url,
             output,
@@ -390,31 +410,152 @@ async fn check_cluster(target: &ClusterTarget) -> Result<Vec<String>, Vec<String
     if failed { Err(lines) } else { Ok(lines) }
 }
 
-fn plan(config_path: PathBuf) -> anyhow::Result<ExitCode> {
+fn plan(config_path: PathBuf, verbose: bool, format: PlanFormat) -> anyhow::Result<ExitCode> {
     let (config, targets) = load(&config_path)?;
-    let failures = block_on(async {
+    let (failures, clusters) = block_on(async {
         let mut failures = 0;
+        let mut clusters = Vec::new();
         for target in &targets {
-            match plan_cluster(&config, target).await {
-                Ok(lines) => {
-                    println!("{}:", target.name);
-                    for line in lines {
-                        println!("  {line}");
-                    }
-                }
-                Err(error) => {
-                    failures += 1;
-                    println!("{}: cannot plan: {error:#}", target.name);
-                }
+            let planned = plan_cluster(&config, target).await;
+            if planned.is_err() {
+                failures += 1;
             }
+            if format == PlanFormat::Text {
+                print!("{}", render_cluster_plan(&target.name, &planned, verbose));
+            }
+            clusters.push(cluster_plan_json(&target.name, &planned));
         }
-        failures
+        (failures, clusters)
     })?;
+    if format == PlanFormat::Json {
+        let document = serde_json::json!({ "clusters": clusters });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&document).context("printing the plan as JSON")?
+        );
+    }
     Ok(if failures == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// One Prefetch's dry run.
+struct PrefetchPlan {
+    namespace: String,
+    name: String,
+    explanation: Explanation,
+    invalid_images: Vec<String>,
+    problems: Vec<String>,
+}
+
+/// `names` after a colon with -v; nothing otherwise.
+fn named(verbose: bool, names: &[&str]) -> String {
+    if verbose {
+        format!(": {}", names.join(", "))
+    } else {
+        String::new()
+    }
+}
+
+fn render_cluster_plan(
+    cluster: &str,
+    planned: &anyhow::Result<Vec<PrefetchPlan>>,
+    verbose: bool,
+) -> String {
+    let prefetches = match planned {
+        Ok(prefetches) => prefetches,
+        Err(error) => return format!("{cluster}: cannot plan: {error:#}\n"),
+    };
+    let mut out = format!("{cluster}:\n");
+    if prefetches.is_empty() {
+        out.push_str("  no Prefetch objects\n");
+    }
+    for plan in prefetches {
+        let explained = &plan.explanation;
+        let pull_nodes: std::collections::BTreeSet<&str> = explained
+            .pulls
+            .iter()
+            .map(|pull| pull.node.as_str())
+            .collect();
+        out.push_str(&format!(
+            "  {}/{}: {} pull(s) on {} node(s); {} pair(s) need no pull; {} node(s) skipped\n",
+            plan.namespace,
+            plan.name,
+            explained.pulls.len(),
+            pull_nodes.len(),
+            explained.no_pull.len(),
+            explained.skipped.len()
+        ));
+        for ((image, namespace), nodes) in explained.pulls_by_image() {
+            out.push_str(&format!(
+                "    pull {image} on {} node(s) (pods in {namespace}){}\n",
+                nodes.len(),
+                named(verbose, &nodes)
+            ));
+        }
+        for (reason, pairs) in explained.no_pull_by_reason() {
+            let names: Vec<String> = pairs
+                .iter()
+                .map(|key| format!("{} {}", key.node, key.image))
+                .collect();
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            out.push_str(&format!(
+                "    no pull, {}: {} pair(s){}\n",
+                reason.describe(),
+                pairs.len(),
+                named(verbose, &names)
+            ));
+        }
+        for (reason, nodes) in explained.skipped_by_reason() {
+            out.push_str(&format!(
+                "    skipped {} node(s), {}{}\n",
+                nodes.len(),
+                reason.describe(),
+                named(verbose, &nodes)
+            ));
+        }
+        for invalid in &plan.invalid_images {
+            out.push_str(&format!("    skipped: {invalid}\n"));
+        }
+        for problem in &plan.problems {
+            out.push_str(&format!("    problem: {problem}\n"));
+        }
+    }
+    out
+}
+
+fn cluster_plan_json(
+    cluster: &str,
+    planned: &anyhow::Result<Vec<PrefetchPlan>>,
+) -> serde_json::Value {
+    let prefetches = match planned {
+        Ok(prefetches) => prefetches,
+        Err(error) => {
+            return serde_json::json!({ "name": cluster, "error": format!("{error:#}") });
+        }
+    };
+    let prefetches: Vec<serde_json::Value> = prefetches
+        .iter()
+        .map(|plan| {
+            let explained = &plan.explanation;
+            serde_json::json!({
+                "namespace": plan.namespace,
+                "name": plan.name,
+                "pulls": explained.pulls,
+                "no_pull": explained.no_pull.iter().map(|(key, reason)| serde_json::json!({
+                    "node": key.node, "image": key.image, "reason": reason,
+                })).collect::<Vec<_>>(),
+                "skipped": explained.skipped.iter().map(|(node, reason)| serde_json::json!({
+                    "node": node, "reason": reason,
+                })).collect::<Vec<_>>(),
+                "invalid_images": plan.invalid_images,
+                "problems": plan.problems,
+            })
+        })
+        .collect();
+    serde_json::json!({ "name": cluster, "error": null, "prefetches": prefetches })
 }
 
 async fn list_workloads<K>(
@@ -451,7 +592,10 @@ where
         .collect())
 }
 
-async fn plan_cluster(config: &Config, target: &ClusterTarget) -> anyhow::Result<Vec<String>> {
+async fn plan_cluster(
+    config: &Config,
+    target: &ClusterTarget,
+) -> anyhow::Result<Vec<PrefetchPlan>> {
     let client = build_client(target, None).await?;
     let nodes: Api<Node> = Api::all(client.clone());
     let nodes: Vec<NodeView> = nodes
@@ -467,7 +611,7 @@ async fn plan_cluster(config: &Config, target: &ClusterTarget) -> anyhow::Result
         .list(&ListParams::default())
         .await
         .map_err(|error| anyhow::anyhow!("listing Prefetches: {}", describe_kube_error(&error)))?;
-    let mut lines = Vec::new();
+    let mut plans = Vec::new();
     for prefetch in &prefetches.items {
         let own = prefetch.namespace().unwrap_or_default();
         let spec = &prefetch.spec;
@@ -499,52 +643,40 @@ async fn plan_cluster(config: &Config, target: &ClusterTarget) -> anyhow::Result
                 workloads.extend(found);
             }
         }
-        let desired = desired_pulls(
-            &nodes,
+        let planner = Planner::new(
             &workloads,
             &ExtraImages {
                 images: spec.images.clone(),
                 namespace: own.clone(),
                 image_pull_secrets: spec.image_pull_secrets.clone(),
             },
-            &NodeTargeting::from_spec(spec),
+            NodeTargeting::from_spec(spec),
             spec.respects_workload_scheduling(),
             config.policy.tolerate_all_taints,
         );
-        lines.push(format!(
-            "{own}/{}: {} pull(s) on {} node(s)",
-            prefetch.name_any(),
-            desired.pairs.len(),
-            desired.nodes.len()
-        ));
-        for target in desired.pairs.values() {
-            let present = nodes
+        // What a run would restore from the status instead of pulling.
+        let record = prefetch
+            .status
+            .as_ref()
+            .and_then(|status| status.verified.as_ref());
+        let verified = record.map(|record| VerifiedInput {
+            record,
+            retry_after: spec.retry_after_or(config.defaults.retry_after),
+            now_wall: k8s_openapi::jiff::Timestamp::now(),
+        });
+        plans.push(PrefetchPlan {
+            namespace: own.clone(),
+            name: prefetch.name_any(),
+            explanation: explain(&planner, &nodes, verified),
+            invalid_images: planner
+                .invalid_images()
                 .iter()
-                .find(|node| node.name == target.node)
-                .is_some_and(|node| node.images.contains(&target.image));
-            lines.push(format!(
-                "    {} {} (pod in {}){}",
-                target.node,
-                target.image,
-                target.namespace,
-                if present {
-                    " — already on the node"
-                } else {
-                    ""
-                }
-            ));
-        }
-        for invalid in &desired.invalid_images {
-            lines.push(format!("    skipped: {invalid}"));
-        }
-        for problem in spec.spec_problems() {
-            lines.push(format!("    problem: {problem}"));
-        }
+                .map(ToString::to_string)
+                .collect(),
+            problems: spec.spec_problems(),
+        });
     }
-    if prefetches.items.is_empty() {
-        lines.push("no Prefetch objects".into());
-    }
-    Ok(lines)
+    Ok(plans)
 }
 
 /// Exit code of `status` for one snapshot (see [`STATUS_EXIT_CODES`]).
@@ -827,6 +959,7 @@ mod tests {
             nodes: 3,
             pulls: PullCounts {
                 ready,
+                reverifying: 0,
                 in_flight,
                 failed,
                 total,

@@ -100,6 +100,7 @@ impl Metrics {
             for prefetch in &cluster.prefetches {
                 let counts = [
                     ("ready", prefetch.pulls.ready),
+                    ("reverifying", prefetch.pulls.reverifying),
                     ("in_flight", prefetch.pulls.in_flight),
                     ("failed", prefetch.pulls.failed),
                     ("total", prefetch.pulls.total),

@@ -308,6 +308,7 @@ fn every_registered_metric_is_documented_with_its_type_and_labels() {
                 nodes: 1,
                 pulls: PullCounts {
                     ready: 1,
+                    reverifying: 0,
                     in_flight: 0,
                     failed: 0,
                     total: 1,

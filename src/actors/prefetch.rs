@@ -22,8 +22,7 @@ use crate::actors::cluster::{AdoptSlot, ClusterContext, ReleaseSlot, RequestSlot
 use crate::actors::status::{PrefetchGone, PrefetchReported, PrefetchSummary};
 use crate::actors::{delete_pull_pod, delete_pull_pod_until_gone};
 use crate::api::{
-    Condition, MAX_PULL_TIMEOUT_SECONDS, MAX_RETRY_AFTER_SECONDS, Phase, Prefetch, PrefetchStatus,
-    VerifiedRecord,
+    Condition, MAX_PULL_TIMEOUT_SECONDS, Phase, Prefetch, PrefetchStatus, VerifiedRecord,
 };
 use crate::error::{api_status_code, describe_kube_error};
 use crate::pull::index::{NodeChange, WorkloadEntry, targeting_of};
@@ -163,12 +162,9 @@ impl PrefetchActor {
     }
 
     fn retry_after(&self) -> Duration {
-        match self.prefetch.spec.retry_after {
-            Some(seconds) if seconds > 0 => {
-                Duration::from_secs(seconds.min(MAX_RETRY_AFTER_SECONDS).unsigned_abs())
-            }
-            _ => self.shared.config.defaults.retry_after,
-        }
+        self.prefetch
+            .spec
+            .retry_after_or(self.shared.config.defaults.retry_after)
     }
 
     fn pull_timeout_seconds(&self) -> i64 {

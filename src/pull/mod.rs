@@ -2,6 +2,7 @@
 //! unit-tested without a cluster.
 
 pub mod dispatch;
+pub mod explain;
 pub mod image;
 pub mod index;
 pub mod outcome;

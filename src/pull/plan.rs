@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::Toleration;
 
+use crate::pull::explain::SkipReason;
 use crate::pull::image::{ImageRefError, normalize};
 use crate::pull::targeting::{NodeTargeting, NodeView, SchedulingConstraints};
 use crate::pull::workload::WorkloadImages;
@@ -242,6 +243,30 @@ impl Planner {
         }
         let nothing_to_pull = !self.has_workloads && !self.has_extras;
         (any_allowed || nothing_to_pull).then_some(pairs)
+    }
+
+    /// Why [`Planner::plan_node`] gives `node` nothing (`None` when it does
+    /// plan pairs there): the Prefetch's own targeting first, then the
+    /// sources' constraints (the first source's reason when none allows it).
+    pub fn skip_reason(&self, node: &NodeView) -> Option<SkipReason> {
+        if let Some(reason) = self.targeting.refusal(node) {
+            return Some(reason);
+        }
+        if self.plan_node(node).is_some() {
+            return None;
+        }
+        let workload_count = self.sources.len() - usize::from(self.has_extras);
+        self.sources.iter().enumerate().find_map(|(index, source)| {
+            if index >= workload_count {
+                // Own images: targeted already, so a taint refused them.
+                Some(SkipReason::TaintNotTolerated)
+            } else {
+                source
+                    .scheduling
+                    .as_ref()
+                    .and_then(|scheduling| scheduling.refusal(node))
+            }
+        })
     }
 
     /// The whole desired set over `nodes`.

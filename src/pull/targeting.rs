@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use crate::api::PrefetchSpec;
+use crate::pull::explain::SkipReason;
 use crate::pull::image::NodeImages;
 use k8s_openapi::api::core::v1::{
     Node, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PodSpec, Taint, Toleration,
@@ -90,14 +91,26 @@ impl NodeTargeting {
     /// selector pair, and the node is Ready and not cordoned: a pull pod on a
     /// NotReady or cordoned node would only hang until its deadline.
     pub fn targets(&self, node: &NodeView) -> bool {
+        self.refusal(node).is_none()
+    }
+
+    /// The first of [`NodeTargeting::targets`]' rules that `node` fails.
+    pub fn refusal(&self, node: &NodeView) -> Option<SkipReason> {
         let name_ok = self
             .node_filter
             .as_deref()
             .is_none_or(|filter| node.name.contains(filter));
-        name_ok
-            && labels_match(&self.node_selector, &node.labels)
-            && node.ready
-            && !node.unschedulable
+        if !name_ok {
+            Some(SkipReason::NodeFilter)
+        } else if !labels_match(&self.node_selector, &node.labels) {
+            Some(SkipReason::NodeSelector)
+        } else if !node.ready {
+            Some(SkipReason::NotReady)
+        } else if node.unschedulable {
+            Some(SkipReason::Cordoned)
+        } else {
+            None
+        }
     }
 }
 
@@ -128,12 +141,24 @@ impl SchedulingConstraints {
 
     /// Whether the scheduler could place the workload's pods on `node`.
     pub fn allows(&self, node: &NodeView) -> bool {
-        labels_match(&self.node_selector, &node.labels)
-            && self
-                .required_node_affinity
-                .as_ref()
-                .is_none_or(|selector| node_selector_matches(selector, node))
-            && taints_tolerated(&node.taints, &self.tolerations)
+        self.refusal(node).is_none()
+    }
+
+    /// The first hard constraint that keeps the workload's pods off `node`.
+    pub fn refusal(&self, node: &NodeView) -> Option<SkipReason> {
+        if !labels_match(&self.node_selector, &node.labels) {
+            Some(SkipReason::WorkloadNodeSelector)
+        } else if !self
+            .required_node_affinity
+            .as_ref()
+            .is_none_or(|selector| node_selector_matches(selector, node))
+        {
+            Some(SkipReason::WorkloadAffinity)
+        } else if !taints_tolerated(&node.taints, &self.tolerations) {
+            Some(SkipReason::TaintNotTolerated)
+        } else {
+            None
+        }
     }
 }
 

@@ -118,6 +118,10 @@ struct Pair {
     /// Consecutive failures in the current round.
     attempts: u32,
     last_failure: Option<LastFailure>,
+    /// The pair was satisfied and is being checked again (`retry_after`
+    /// elapsed): the image was on the node, so until the check fails it
+    /// still counts as ready, and the phase stays READY.
+    reverifying: bool,
 }
 
 impl Pair {
@@ -126,6 +130,7 @@ impl Pair {
             status: PairStatus::Idle,
             attempts: 0,
             last_failure: None,
+            reverifying: false,
         }
     }
 
@@ -133,6 +138,17 @@ impl Pair {
         self.status = PairStatus::Satisfied { at: now };
         self.attempts = 0;
         self.last_failure = None;
+        self.reverifying = false;
+    }
+
+    /// Counts as on its node: satisfied, or its re-verification has not
+    /// failed (yet).
+    fn is_ready(&self) -> bool {
+        match self.status {
+            PairStatus::Satisfied { .. } => true,
+            PairStatus::InFlight { .. } | PairStatus::Idle => self.reverifying,
+            PairStatus::BackingOff { .. } | PairStatus::Failed { .. } => false,
+        }
     }
 
     /// When a waiting pair becomes due again; `None` for Idle (due already)
@@ -289,6 +305,9 @@ impl Tracker {
                 if matches!(pair.status, PairStatus::Failed { .. }) {
                     pair.attempts = 0;
                 }
+                if matches!(pair.status, PairStatus::Satisfied { .. }) {
+                    pair.reverifying = true;
+                }
                 pair.status = PairStatus::InFlight {
                     pod: pod_name.to_string(),
                     uid: None,
@@ -378,6 +397,8 @@ impl Tracker {
                 if !matches!(pair.status, PairStatus::InFlight { .. }) {
                     return;
                 }
+                // A failed re-verification is a failure like any other.
+                pair.reverifying = false;
                 pair.attempts = pair.attempts.saturating_add(1);
                 let exhausted = permanent || pair.attempts >= self.policy.max_attempts;
                 pair.status = if exhausted {
@@ -496,11 +517,18 @@ impl Tracker {
             ..PullCounts::default()
         };
         for pair in self.pairs.values() {
+            if pair.is_ready() {
+                counts.ready += 1;
+                if pair.reverifying {
+                    counts.reverifying += 1;
+                }
+                continue;
+            }
             match pair.status {
-                PairStatus::Satisfied { .. } => counts.ready += 1,
                 PairStatus::InFlight { .. } => counts.in_flight += 1,
                 PairStatus::Failed { .. } => counts.failed += 1,
-                PairStatus::Idle | PairStatus::BackingOff { .. } => {}
+                PairStatus::Satisfied { .. } | PairStatus::Idle | PairStatus::BackingOff { .. } => {
+                }
             }
         }
         counts
@@ -532,19 +560,18 @@ impl Tracker {
     }
 
     /// PENDING before the first desired set, FAILED if any pair is Failed,
-    /// READY when every pair is satisfied (or there is nothing to do),
-    /// RUNNING otherwise.
+    /// READY when every pair is ready (satisfied, or being re-verified
+    /// without a failure; or there is nothing to do), RUNNING otherwise.
     pub fn phase(&self) -> Phase {
         if !self.desired_ever_set {
             return Phase::Pending;
         }
         let mut all_satisfied = true;
         for pair in self.pairs.values() {
-            match pair.status {
-                PairStatus::Failed { .. } => return Phase::Failed,
-                PairStatus::Satisfied { .. } => {}
-                _ => all_satisfied = false,
+            if matches!(pair.status, PairStatus::Failed { .. }) {
+                return Phase::Failed;
             }
+            all_satisfied &= pair.is_ready();
         }
         if all_satisfied {
             Phase::Ready
@@ -680,6 +707,7 @@ mod tests {
             tracker.counts(),
             PullCounts {
                 ready: 0,
+                reverifying: 0,
                 in_flight: 0,
                 failed: 0,
                 total: 2
@@ -751,6 +779,74 @@ mod tests {
         assert_eq!(tracker.due(t1 + RETRY, RETRY), vec![k.clone()]);
         // Still READY while re-verification is pending: the image was there.
         assert_eq!(tracker.phase(), Phase::Ready);
+    }
+
+    /// A READY Prefetch stays READY while its pairs are re-verified, shows
+    /// them as `reverifying`, and leaves READY only when a check fails.
+    #[test]
+    fn reverification_keeps_ready_until_a_check_fails() {
+        let t0 = Instant::now();
+        let (a, b) = (key("n1", "a"), key("n2", "a"));
+        let mut tracker = Tracker::new(policy());
+        tracker.set_desired(&desired(&[("n1", "a"), ("n2", "a")]));
+        for k in [&a, &b] {
+            tracker.on_dispatched(k, "pod", t0);
+            tracker.on_outcome(k, Outcome::Succeeded, t0);
+        }
+        assert_eq!(tracker.phase(), Phase::Ready);
+
+        let t1 = t0 + RETRY;
+        tracker.on_dispatched(&a, "pod-a2", t1);
+        tracker.on_dispatched(&b, "pod-b2", t1);
+        assert_eq!(tracker.phase(), Phase::Ready);
+        let counts = tracker.counts();
+        assert_eq!(
+            (counts.ready, counts.reverifying, counts.in_flight),
+            (2, 2, 0)
+        );
+
+        // A check whose pod vanished is still a check, not a first pull.
+        tracker.on_pod_vanished(&a, t1);
+        assert_eq!(tracker.phase(), Phase::Ready);
+        tracker.on_dispatched(&a, "pod-a3", t1);
+
+        // One check succeeds: that pair is plainly satisfied again.
+        tracker.on_outcome(&b, Outcome::Succeeded, t1 + secs(1));
+        let counts = tracker.counts();
+        assert_eq!((counts.ready, counts.reverifying), (2, 1));
+
+        // The other fails transiently: RUNNING, and it counts as not ready.
+        tracker.on_outcome(
+            &a,
+            Outcome::Failed {
+                reason: "ErrImagePull".into(),
+                message: "registry down".into(),
+                permanent: false,
+            },
+            t1 + secs(2),
+        );
+        assert_eq!(tracker.phase(), Phase::Running);
+        let counts = tracker.counts();
+        assert_eq!(
+            (counts.ready, counts.reverifying, counts.in_flight),
+            (1, 0, 0)
+        );
+
+        // Its retry is a pull like any other (RUNNING), and a permanent
+        // failure makes the Prefetch FAILED.
+        tracker.on_dispatched(&a, "pod-a4", t1 + secs(60));
+        assert_eq!(tracker.phase(), Phase::Running);
+        assert_eq!(tracker.counts().in_flight, 1);
+        tracker.on_outcome(
+            &a,
+            Outcome::Failed {
+                reason: "ErrImagePull".into(),
+                message: "not found".into(),
+                permanent: true,
+            },
+            t1 + secs(61),
+        );
+        assert_eq!(tracker.phase(), Phase::Failed);
     }
 
     #[test]

@@ -120,6 +120,15 @@ pub fn free_port() -> Result<u16> {
 
 impl Orchestrator {
     pub async fn start(test: &str, options: Options) -> Result<Orchestrator> {
+        let mut orchestrator = Orchestrator::prepare(test, options)?;
+        orchestrator.spawn()?;
+        orchestrator.wait_ready().await?;
+        Ok(orchestrator)
+    }
+
+    /// Writes the config of a process without starting it (`spawn` and
+    /// `wait_ready` do that), so other commands can use the same config.
+    pub fn prepare(test: &str, options: Options) -> Result<Orchestrator> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("kube-prefetch-{test}-"))
             .tempdir()?;
@@ -168,17 +177,14 @@ helper_image = "{HELPER_IMAGE}"
         // One log per test name, fresh for each run; a restart within the
         // run (`spawn` again) appends.
         let _ = std::fs::remove_file(&log_path);
-        let mut orchestrator = Orchestrator {
+        Ok(Orchestrator {
             env: options.env.clone(),
             child: None,
             port,
             dir,
             config_path,
             log_path,
-        };
-        orchestrator.spawn()?;
-        orchestrator.wait_ready().await?;
-        Ok(orchestrator)
+        })
     }
 
     /// Starts the process (again, after `kill`), appending to the same log.

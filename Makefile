@@ -51,6 +51,7 @@ test:
 	$(CARGO) clippy --all-targets -- -D warnings; \
 	deploy/lint.sh; \
 	clusters/sim/build --real-nodes; \
+	deploy/install-browser.sh; \
 	clusters/sim/up --clusters $(SIM_CLUSTERS) --nodes $(SIM_NODES); \
 	$(CARGO) test; \
 	clusters/sim/up --clusters $(SIM_CLUSTERS) --nodes $(SIM_NODES) --real-nodes $(SIM_REAL_NODES); \

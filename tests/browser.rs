@@ -1,0 +1,324 @@
+//! The dashboard in a real browser: Debian's headless chromium, driven
+//! through chromedriver (WebDriver), against kube-prefetch on the sim
+//! clusters. What a person would check by looking: every cluster listed, a
+//! Prefetch moving to READY without a reload, a failure with its reason, a
+//! stopped API server shown Unreachable and then Connected again.
+//! Screenshots at laptop and phone widths go to `target/screenshots/` (with
+//! `UPDATE_SCREENSHOTS=1`, to `docs/screenshots/`, which the README shows).
+//!
+//! `make test` installs chromium first (`deploy/install-browser.sh`).
+
+mod harness;
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use fantoccini::{Client, ClientBuilder};
+use harness::*;
+use kube_prefetch::api::Prefetch;
+use serde_json::{Value, json};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const LAPTOP: (u32, u32) = (1280, 800);
+const PHONE: (u32, u32) = (390, 844);
+
+/// chromedriver on a free loopback port, stopped on drop.
+struct Driver {
+    child: Child,
+    port: u16,
+}
+
+impl Driver {
+    async fn start() -> Result<Driver> {
+        for tool in [CHROMIUM, CHROMEDRIVER] {
+            ensure!(
+                Path::new(tool).exists(),
+                "{tool} is missing: run deploy/install-browser.sh (make test does)"
+            );
+        }
+        let port = free_port()?;
+        let child = Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting chromedriver")?;
+        let driver = Driver { child, port };
+        support::wait_for(
+            "chromedriver to answer",
+            Duration::from_secs(20),
+            || async {
+                Ok(ureq::get(&format!("http://127.0.0.1:{port}/status"))
+                    .call()
+                    .is_ok()
+                    .then_some(()))
+            },
+        )
+        .await?;
+        Ok(driver)
+    }
+
+    async fn browser(&self) -> Result<Client> {
+        let mut capabilities = serde_json::Map::new();
+        capabilities.insert(
+            "goog:chromeOptions".into(),
+            json!({
+                "binary": CHROMIUM,
+                // Root in a container: no sandbox; no GPU; /dev/shm is small.
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+            }),
+        );
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        ClientBuilder::new(connector)
+            .capabilities(capabilities)
+            .connect(&format!("http://127.0.0.1:{}", self.port))
+            .await
+            .context("opening a chromium session through chromedriver")
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `script` in the page and returns its value.
+async fn page_eval(browser: &Client, script: &str) -> Result<Value> {
+    browser
+        .execute(script, Vec::new())
+        .await
+        .with_context(|| format!("running in the page: {script}"))
+}
+
+/// Polls `script` until it returns something other than null/false.
+async fn wait_page(browser: &Client, what: &str, timeout: Duration, script: &str) -> Result<Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let value = page_eval(browser, script).await?;
+        if !value.is_null() && value != Value::Bool(false) {
+            return Ok(value);
+        }
+        if Instant::now() >= deadline {
+            let page =
+                page_eval(browser, "return document.querySelector('main').innerText").await?;
+            bail!("timed out after {timeout:?} waiting for {what}; the page shows:\n{page}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A script returning the text of cluster `cluster`'s row once it contains
+/// every one of `needles`, else null.
+fn cluster_row(cluster: &str, needles: &[&str]) -> String {
+    format!(
+        "const row = [...document.querySelectorAll('#clusters tbody tr')].find(r => r.cells[0].textContent === {cluster:?}); return row && {needles:?}.every(n => row.innerText.includes(n)) ? row.innerText : null;"
+    )
+}
+
+/// The same for the Prefetch row `cluster/namespace/name`.
+fn prefetch_row(key: &str, needles: &[&str]) -> String {
+    format!(
+        "const row = document.querySelector('#prefetches tbody tr[data-key={key:?}]'); return row && {needles:?}.every(n => row.textContent.includes(n)) ? row.textContent : null;"
+    )
+}
+
+async fn screenshot(browser: &Client, (width, height): (u32, u32), name: &str) -> Result<PathBuf> {
+    browser.set_window_size(width, height).await?;
+    // Let the layout settle at the new width.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let png = browser.screenshot().await?;
+    let dir = if std::env::var_os("UPDATE_SCREENSHOTS").is_some() {
+        support::repo_root().join("docs/screenshots")
+    } else {
+        support::repo_root().join("target/screenshots")
+    };
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{name}.png"));
+    std::fs::write(&path, png).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// A daemon of the sim, stopped and later started again with the same
+/// command line, pid file and log, the way `clusters/sim/up` started it.
+struct StoppedDaemon {
+    pid_file: PathBuf,
+    log_file: PathBuf,
+    args: Vec<String>,
+}
+
+fn kill_daemon(dir: &Path, name: &str) -> Result<StoppedDaemon> {
+    let pid_file = dir.join(format!("{name}.pid"));
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .with_context(|| format!("reading {}", pid_file.display()))?
+        .trim()
+        .parse()
+        .with_context(|| format!("{} holds no pid", pid_file.display()))?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .with_context(|| format!("reading the command line of {name} (pid {pid})"))?;
+    let args: Vec<String> = cmdline
+        .split(|byte| *byte == 0)
+        .filter(|arg| !arg.is_empty())
+        .map(|arg| String::from_utf8_lossy(arg).into_owned())
+        .collect();
+    let status = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()?;
+    ensure!(status.success(), "kill -KILL {pid} ({name}) failed");
+    Ok(StoppedDaemon {
+        pid_file,
+        log_file: dir.join(format!("{name}.log")),
+        args,
+    })
+}
+
+impl StoppedDaemon {
+    fn start_again(&self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&self.log_file)?;
+        Command::new("setsid")
+            .arg("bash")
+            .arg("-c")
+            .arg("echo $$ >\"$0\"; exec \"$@\"")
+            .arg(&self.pid_file)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting the daemon again")?;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_in_chromium_follows_the_clusters_live() -> Result<()> {
+    let _serial = setup().await;
+    let clusters = support::cluster_names();
+    ensure!(clusters.len() >= 3, "the sim runs 3 clusters: {clusters:?}");
+    let ns = support::TestNamespace::create(&clusters[0], "browser").await?;
+    let prefetches = ns.api::<Prefetch>();
+    // slow.invalid images take about 30 s to pull on the fake nodes.
+    apply(
+        &prefetches,
+        prefetch_json(
+            "warming",
+            json!({ "images": ["slow.invalid/app:1"], "node_filter": "worker" }),
+        ),
+    )
+    .await?;
+    apply(
+        &prefetches,
+        prefetch_json(
+            "broken",
+            json!({ "images": ["fail.invalid/app:1"], "node_filter": "worker2" }),
+        ),
+    )
+    .await?;
+    let orchestrator = Orchestrator::start("browser", Options::default()).await?;
+    let driver = Driver::start().await?;
+    let browser = driver.browser().await?;
+    let result = scenario(&browser, &orchestrator, &clusters, ns.name()).await;
+    let _ = browser.close().await;
+    result?;
+    ns.cleanup().await?;
+    Ok(())
+}
+
+async fn scenario(
+    browser: &Client,
+    orchestrator: &Orchestrator,
+    clusters: &[String],
+    namespace: &str,
+) -> Result<()> {
+    browser.set_window_size(LAPTOP.0, LAPTOP.1).await?;
+    browser
+        .goto(&format!("http://127.0.0.1:{}/", orchestrator.port))
+        .await?;
+    // A mark that a reload would wipe.
+    page_eval(browser, "window.loadedOnce = true; return null").await?;
+
+    for cluster in clusters {
+        wait_page(
+            browser,
+            &format!("{cluster} listed as Connected"),
+            Duration::from_secs(30),
+            &cluster_row(cluster, &["Connected"]),
+        )
+        .await?;
+    }
+
+    let warming = format!("{}/{namespace}/warming", clusters[0]);
+    let broken = format!("{}/{namespace}/broken", clusters[0]);
+    let first = wait_page(
+        browser,
+        "the warming Prefetch",
+        Duration::from_secs(30),
+        &prefetch_row(&warming, &[]),
+    )
+    .await?;
+    ensure!(
+        first.as_str().is_some_and(|text| !text.contains("READY")),
+        "the slow pulls cannot be done yet: {first}"
+    );
+    let failing = wait_page(
+        browser,
+        "the broken Prefetch FAILED with its reason",
+        Duration::from_secs(90),
+        &prefetch_row(&broken, &["FAILED", "ErrImagePull"]),
+    )
+    .await?;
+    ensure!(
+        failing
+            .as_str()
+            .is_some_and(|text| text.contains("fail.invalid/app:1")),
+        "the failure names the image: {failing}"
+    );
+    wait_page(
+        browser,
+        "the warming Prefetch READY",
+        Duration::from_secs(120),
+        &prefetch_row(&warming, &["READY"]),
+    )
+    .await?;
+    ensure!(
+        page_eval(browser, "return window.loadedOnce === true").await? == Value::Bool(true),
+        "the page was reloaded"
+    );
+    let laptop = screenshot(browser, LAPTOP, "dashboard-laptop").await?;
+    let phone = screenshot(browser, PHONE, "dashboard-phone").await?;
+    browser.set_window_size(LAPTOP.0, LAPTOP.1).await?;
+    println!("screenshots: {} {}", laptop.display(), phone.display());
+
+    // Stop the last cluster's API server: Unreachable within seconds.
+    let last = clusters.last().context("no cluster")?;
+    let dir = support::repo_root().join("clusters/sim/run").join(last);
+    let stopped = kill_daemon(&dir, "kube-apiserver")?;
+    let stopped_at = Instant::now();
+    let outcome = wait_page(
+        browser,
+        &format!("{last} Unreachable"),
+        Duration::from_secs(30),
+        &cluster_row(last, &["Unreachable"]),
+    )
+    .await;
+    let seen_after = stopped_at.elapsed();
+    stopped.start_again()?;
+    outcome?;
+    wait_page(
+        browser,
+        &format!("{last} Connected again"),
+        Duration::from_secs(120),
+        &cluster_row(last, &["Connected"]),
+    )
+    .await?;
+    println!("{last}: Unreachable shown {seen_after:.1?} after its API server stopped");
+    Ok(())
+}

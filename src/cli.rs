@@ -780,6 +780,15 @@ pub fn status_table(view: &StatusView, wide: bool, colour: bool) -> String {
             ClusterHealth::Forbidden { what } => {
                 out.push_str(&format!("{}: {what}\n", cluster.name))
             }
+            ClusterHealth::Crashed { reason } => {
+                out.push_str(&format!("{}: crashed: {reason}\n", cluster.name))
+            }
+            _ if cluster.restarts > 0 => out.push_str(&format!(
+                "{}: restarted {} after a panic; last: {}\n",
+                cluster.name,
+                crate::actors::status::times(cluster.restarts),
+                cluster.last_panic.as_deref().unwrap_or("unknown"),
+            )),
             _ => {}
         }
     }
@@ -848,6 +857,8 @@ mod tests {
                         summary("cache", Phase::Ready, [3, 0, 0, 3]),
                         summary("broken", Phase::Failed, [2, 0, 1, 3]),
                     ],
+                    restarts: 0,
+                    last_panic: None,
                 },
                 ClusterView {
                     name: "sim-2".into(),
@@ -855,6 +866,8 @@ mod tests {
                         reason: "connection refused".into(),
                     },
                     prefetches: Vec::new(),
+                    restarts: 0,
+                    last_panic: None,
                 },
             ],
         }
@@ -871,6 +884,27 @@ sim-1    Connected    default/broken  FAILED  3      2      0          1       3
 sim-2    Unreachable  -
 sim-2: connection refused
 "
+        );
+    }
+
+    #[test]
+    fn table_names_crashed_and_restarted_clusters() {
+        let mut view = sample_view();
+        view.clusters[0].restarts = 2;
+        view.clusters[0].last_panic = Some("panicked at src/x.rs:1:2: boom".into());
+        view.clusters[1].health = ClusterHealth::Crashed {
+            reason: "panicked at src/y.rs:3:4: bang; restarting in 1s (panics in a row: 1)".into(),
+        };
+        let table = status_table(&view, false, false);
+        assert!(
+            table.ends_with(
+                "\
+sim-2    Crashed    -
+sim-1: restarted 2 times after a panic; last: panicked at src/x.rs:1:2: boom
+sim-2: crashed: panicked at src/y.rs:3:4: bang; restarting in 1s (panics in a row: 1)
+"
+            ),
+            "{table}"
         );
     }
 

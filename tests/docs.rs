@@ -315,6 +315,8 @@ fn every_registered_metric_is_documented_with_its_type_and_labels() {
                 message: None,
                 failures: Vec::new(),
             }],
+            restarts: 0,
+            last_panic: None,
         }],
     };
     let text = metrics.render(&view).expect("metrics render");
@@ -484,6 +486,9 @@ fn cluster_state_labels() -> Vec<&'static str> {
         ClusterHealth::CrdMissing {
             reason: String::new(),
         },
+        ClusterHealth::Crashed {
+            reason: String::new(),
+        },
     ];
     all.iter()
         .filter(|health| match health {
@@ -491,7 +496,8 @@ fn cluster_state_labels() -> Vec<&'static str> {
             ClusterHealth::Connecting
             | ClusterHealth::Unreachable { .. }
             | ClusterHealth::Forbidden { .. }
-            | ClusterHealth::CrdMissing { .. } => true,
+            | ClusterHealth::CrdMissing { .. }
+            | ClusterHealth::Crashed { .. } => true,
         })
         .map(ClusterHealth::label)
         .collect()

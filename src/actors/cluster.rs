@@ -788,6 +788,8 @@ impl Actor for ClusterActor {
     fn started(&mut self, ctx: &mut Self::Context) {
         let _span = self.span.clone().entered();
         info!(context = %self.target.context, kubeconfig = %self.target.kubeconfig.display(), "starting");
+        #[cfg(feature = "test-hooks")]
+        crate::actors::fault_hook::arm(ctx, &self.target.name);
         self.connect(ctx);
     }
 

@@ -53,7 +53,7 @@ Exit codes:
   0  every cluster is Connected and no Prefetch is FAILED
   1  the status could not be read (instance not running, bad answer)
   2  bad command line
-  3  some cluster is not Connected (Connecting, Unreachable, Forbidden, CrdMissing)
+  3  some cluster is not Connected (Connecting, Unreachable, Forbidden, CrdMissing, Crashed)
   4  every cluster is Connected, but some Prefetch is FAILED
 With --watch the command runs until interrupted.";
 

@@ -514,3 +514,92 @@ async fn images_only_prefetch_keeps_off_not_ready_nodes() -> Result<()> {
     ns.cleanup().await?;
     Ok(())
 }
+
+/// Adoption trusts only the pod we would create: a pod in another tenant's
+/// namespace with our exact name, labels and annotations is not taken for
+/// the pair's pull (it would hold a slot and could mark the pair done); the
+/// pair gets its own pod, and the foreign pod is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_labelled_as_ours_in_another_namespace_is_not_adopted() -> Result<()> {
+    use kube::ResourceExt;
+    use kube_prefetch::pull::podspec::{
+        IMAGE_ANNOTATION, MANAGED_BY_LABEL, MANAGED_BY_VALUE, NODE_ANNOTATION, PREFETCH_UID_LABEL,
+        pull_pod_name,
+    };
+    let _serial = setup().await;
+    let cluster = support::cluster_names()[0].clone();
+    let ours = support::TestNamespace::create(&cluster, "adopt-ours").await?;
+    let theirs = support::TestNamespace::create(&cluster, "adopt-theirs").await?;
+    let log = PodLog::start(ours.client()).await?;
+    let orchestrator = Orchestrator::start("hostile-adoption", Options::default()).await?;
+    // A tag of this run only: no node reports it already.
+    let image = format!("registry.example/hostile/adopt:{}", ours.name());
+    let spec = |suspend: bool| json!({ "images": [image.clone()], "node_filter": "worker", "suspend": suspend });
+    // Suspended: nothing is pulled until the foreign pod is there.
+    let prefetches = ours.api::<Prefetch>();
+    let victim = apply(&prefetches, prefetch_json("victim", spec(true))).await?;
+    let uid = victim.uid().context("the Prefetch's uid")?;
+    let node = workers(&cluster)[0].clone();
+    let normalised = kube_prefetch::pull::image::normalize(&image)?;
+    let name = pull_pod_name(&uid, &node, &normalised);
+    let foreign = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "labels": { MANAGED_BY_LABEL: MANAGED_BY_VALUE, PREFETCH_UID_LABEL: uid },
+            "annotations": { NODE_ANNOTATION: node, IMAGE_ANNOTATION: normalised },
+        },
+        "spec": {
+            "nodeName": node,
+            "containers": [{ "name": "pull", "image": normalised }],
+        },
+    });
+    let pods = theirs.api::<k8s_openapi::api::core::v1::Pod>();
+    apply(&pods, foreign).await?;
+    let expected = format!(
+        "not adopting a pod labelled as our pull pod: it is in namespace {}, not in {} where we create it pod={}/{name}",
+        theirs.name(),
+        ours.name(),
+        theirs.name()
+    );
+    support::wait_for("the refusal in the log", Duration::from_secs(30), || {
+        let seen = log_lines_with(&orchestrator.log_path, "not adopting a pod labelled");
+        let expected = expected.clone();
+        async move {
+            Ok(seen
+                .iter()
+                .any(|line| line.contains(&expected))
+                .then_some(()))
+        }
+    })
+    .await?;
+
+    apply(&prefetches, prefetch_json("victim", spec(false))).await?;
+    wait_phase(
+        &ours.client(),
+        ours.name(),
+        "victim",
+        Phase::Ready,
+        READY_TIMEOUT,
+    )
+    .await?;
+    let pulled_on: BTreeSet<String> = log
+        .pods_in(ours.name())
+        .into_iter()
+        .map(|pod| pod.node)
+        .collect();
+    assert!(
+        pulled_on.contains(&node),
+        "no pull pod of ours on {node}: {pulled_on:?}"
+    );
+    // Not ours to delete either.
+    assert!(
+        pods.get_opt(&name).await?.is_some(),
+        "the foreign pod was deleted"
+    );
+    drop(orchestrator);
+    ours.cleanup().await?;
+    theirs.cleanup().await?;
+    Ok(())
+}

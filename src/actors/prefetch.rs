@@ -29,7 +29,7 @@ use crate::error::{api_status_code, describe_kube_error};
 use crate::pull::index::{NodeChange, WorkloadEntry, targeting_of};
 use crate::pull::outcome::classify;
 use crate::pull::plan::{DesiredSet, ExtraImages, PairKey, Planner};
-use crate::pull::podspec::{PullPodParams, build_pull_pod, pair_of_pod};
+use crate::pull::podspec::{PullPodParams, build_pull_pod, check_own_pull_pod, pair_of_pod};
 use crate::pull::targeting::NodeView;
 use crate::pull::tracker::{BackoffPolicy, Outcome, Tracker};
 use crate::pull::verified;
@@ -616,6 +616,18 @@ impl PrefetchActor {
             || self.judged_names.contains(&pod_name)
             || pod.metadata.deletion_timestamp.is_some()
         {
+            return;
+        }
+        // Labels are anyone's to set: only the pod we would create counts.
+        let wanted_in = self
+            .desired
+            .pairs
+            .contains_key(&key)
+            .then(|| self.pod_namespace_of(&key));
+        if let Err(why) = check_own_pull_pod(&pod, &self.uid, &key, wanted_in.as_deref()) {
+            warn!(pod = %format!("{namespace}/{pod_name}"), "not adopting a pod labelled as our pull pod: {why}");
+            // Once per pod: its later events need no second look.
+            self.judged.insert(pod_uid);
             return;
         }
         let tracked = self.tracker.is_current_pod(&key, &pod_name, &pod_uid);

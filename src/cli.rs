@@ -17,14 +17,15 @@ use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, Resource, ResourceExt};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::actors::cluster::build_client;
-use crate::actors::status::{ClusterHealth, StatusActor, StatusView};
-use crate::actors::supervisor::{Reload, Supervisor};
+use crate::actors::status::{ClusterHealth, STANDBY, SetStandby, StatusActor, StatusView};
+use crate::actors::supervisor::{Reload, StopClusters, Supervisor};
 use crate::api::{Phase, Prefetch, WorkloadKind};
 use crate::config::{self, ClusterTarget, Config};
 use crate::error::{api_status_code, describe_kube_error};
+use crate::leader::WriteGate;
 use crate::metrics::Metrics;
 use crate::pull::plan::{ExtraImages, desired_pulls};
 use crate::pull::targeting::{NodeTargeting, NodeView};
@@ -212,16 +213,30 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
         actix::spawn(server);
         info!(%listen, clusters = targets.len(), "kube-prefetch running");
 
-        // A standby serves its endpoints but touches no cluster.
+        // A standby serves its endpoints but touches no cluster, and is not
+        // ready: its empty status is not the fleet's.
         let mut leadership = None;
-        if config.leader_election.enabled {
-            tokio::select! {
-                acquired = crate::leader::acquire(&config.leader_election) => leadership = Some(acquired?),
+        let gate = if config.leader_election.enabled {
+            status.do_send(SetStandby(true));
+            let acquired = tokio::select! {
+                acquired = crate::leader::acquire(&config.leader_election) => acquired?,
                 _ = terminate.recv() => return anyhow::Ok(()),
                 _ = tokio::signal::ctrl_c() => return anyhow::Ok(()),
+            };
+            // The gate opens once the Lease is read back as ours.
+            if !acquired.confirmed().await {
+                acquired.release().await;
+                anyhow::bail!("became the leader but could not read the Lease back; exiting");
             }
-        }
-        let supervisor = Supervisor::new(config_path, config, targets, status, metrics).start();
+            status.do_send(SetStandby(false));
+            let gate = acquired.gate();
+            leadership = Some(acquired);
+            gate
+        } else {
+            WriteGate::open()
+        };
+        let supervisor =
+            Supervisor::new(config_path, config, targets, gate.clone(), status, metrics).start();
         let outcome = {
             let lost = async {
                 match leadership.as_mut() {
@@ -231,21 +246,27 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
             };
             tokio::pin!(lost);
             loop {
-            tokio::select! {
-                _ = hangup.recv() => {
-                    info!("SIGHUP: reloading the config");
-                    supervisor.do_send(Reload);
+                tokio::select! {
+                    _ = hangup.recv() => {
+                        info!("SIGHUP: reloading the config");
+                        supervisor.do_send(Reload);
+                    }
+                    _ = terminate.recv() => break Ok(()),
+                    _ = tokio::signal::ctrl_c() => break Ok(()),
+                    // Exiting is the safe answer: two active instances would
+                    // fight over the same pods. The restarted process waits as
+                    // a standby. The gate is already closed: no write goes out.
+                    _ = &mut lost => break Err(anyhow::anyhow!("lost the leader lease; exiting")),
                 }
-                _ = terminate.recv() => break Ok(()),
-                _ = tokio::signal::ctrl_c() => break Ok(()),
-                // Exiting is the safe answer: two active instances would
-                // fight over the same pods. The restarted process waits as
-                // a standby.
-                _ = &mut lost => break Err(anyhow::anyhow!("lost the leader lease; exiting")),
-            }
             }
         };
-        info!("shutting down");
+        // Dispatch stops first, then any write still on its way is refused,
+        // and only then may a standby take over (the Lease is released last).
+        info!("shutting down: stopping every cluster");
+        if let Err(error) = supervisor.send(StopClusters).await {
+            warn!(%error, "could not stop the clusters");
+        }
+        gate.close();
         server_handle.stop(true).await;
         if let Some(leadership) = leadership {
             leadership.release().await;
@@ -318,7 +339,7 @@ fn check(config_path: PathBuf) -> anyhow::Result<ExitCode> {
 }
 
 async fn check_cluster(target: &ClusterTarget) -> Result<Vec<String>, Vec<String>> {
-    let client = build_client(target, None)
+    let client = build_client(target, None, WriteGate::open())
         .await
         .map_err(|error| vec![error.to_string()])?;
     let version = tokio::time::timeout(Duration::from_secs(10), client.apiserver_version())
@@ -452,7 +473,7 @@ where
 }
 
 async fn plan_cluster(config: &Config, target: &ClusterTarget) -> anyhow::Result<Vec<String>> {
-    let client = build_client(target, None).await?;
+    let client = build_client(target, None, WriteGate::open()).await?;
     let nodes: Api<Node> = Api::all(client.clone());
     let nodes: Vec<NodeView> = nodes
         .list(&ListParams::default())
@@ -704,6 +725,9 @@ impl Cell {
 /// and the message), then one line per cluster that is not Connected, with
 /// its reason.
 pub fn status_table(view: &StatusView, wide: bool, colour: bool) -> String {
+    if view.standby {
+        return format!("{STANDBY}\n");
+    }
     let headers = if wide { WIDE_HEADERS } else { TABLE_HEADERS };
     let mut rows: Vec<Vec<Cell>> = vec![headers.iter().map(|h| Cell::plain(*h)).collect()];
     for cluster in &view.clusters {
@@ -847,6 +871,7 @@ mod tests {
 
     fn sample_view() -> StatusView {
         StatusView {
+            standby: false,
             clusters: vec![
                 ClusterView {
                     name: "sim-1".into(),
@@ -884,6 +909,18 @@ sim-1    Connected    default/broken  FAILED  3      2      0          1       3
 sim-2    Unreachable  -
 sim-2: connection refused
 "
+        );
+    }
+
+    #[test]
+    fn a_standby_says_so_instead_of_an_empty_table() {
+        let view = StatusView {
+            standby: true,
+            clusters: Vec::new(),
+        };
+        assert_eq!(
+            status_table(&view, false, false),
+            "standby: waiting for the leader lease; the leader serves the status\n"
         );
     }
 
@@ -945,6 +982,7 @@ sim-2: connection refused
     fn json_output_is_the_served_document_on_one_line() {
         let body = r#"{"clusters":[]}"#;
         let view = StatusView {
+            standby: false,
             clusters: Vec::new(),
         };
         assert_eq!(

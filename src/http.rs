@@ -10,7 +10,7 @@ use actix_web::{App, HttpResponse, HttpServer, dev::Server, get, web};
 
 use tracing::warn;
 
-use crate::actors::status::{GetStatus, StatusActor, StatusView};
+use crate::actors::status::{GetStatus, STANDBY, StatusActor, StatusView};
 use crate::metrics::Metrics;
 
 #[derive(Clone)]
@@ -90,6 +90,7 @@ async fn healthz(state: web::Data<AppState>) -> HttpResponse {
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     match snapshot(&state).await {
         Ok(view) if view.all_clusters_reported() => HttpResponse::Ok().body("ready\n"),
+        Ok(view) if view.standby => HttpResponse::ServiceUnavailable().body(format!("{STANDBY}\n")),
         Ok(_) => HttpResponse::ServiceUnavailable().body("connecting to clusters\n"),
         Err(response) => response,
     }

@@ -295,6 +295,7 @@ fn every_registered_metric_is_documented_with_its_type_and_labels() {
     metrics.pull_finished("sim-1", "succeeded");
     metrics.status_written("sim-1");
     let view = StatusView {
+        standby: false,
         clusters: vec![ClusterView {
             name: "sim-1".into(),
             health: ClusterHealth::Connected {

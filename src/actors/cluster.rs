@@ -19,6 +19,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
+use tower::filter::FilterLayer;
 use tower::limit::RateLimitLayer;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -31,6 +32,7 @@ use crate::actors::status::{ClusterHealth, ClusterHealthChanged, StatusActor};
 use crate::api::{Prefetch, PrefetchSpec, WorkloadKind};
 use crate::config::{ClusterTarget, Config};
 use crate::error::{Error, api_status_code, describe_kube_error, describe_watch_error};
+use crate::leader::WriteGate;
 use crate::metrics::Metrics;
 use crate::pull::dispatch::DispatchQueue;
 use crate::pull::index::{
@@ -92,6 +94,8 @@ struct KindWatch {
 pub struct ClusterActor {
     target: ClusterTarget,
     config: Arc<Config>,
+    /// Every write of this cluster's client passes it (leader election).
+    gate: WriteGate,
     status: Addr<StatusActor>,
     metrics: Metrics,
     span: tracing::Span,
@@ -118,6 +122,7 @@ impl ClusterActor {
     pub fn new(
         target: ClusterTarget,
         config: Arc<Config>,
+        gate: WriteGate,
         status: Addr<StatusActor>,
         metrics: Metrics,
     ) -> Self {
@@ -125,6 +130,7 @@ impl ClusterActor {
         ClusterActor {
             target,
             config,
+            gate,
             status,
             metrics,
             span,
@@ -165,7 +171,9 @@ impl ClusterActor {
     fn connect(&mut self, ctx: &mut Context<Self>) {
         let target = self.target.clone();
         let api_qps = self.config.defaults.api_qps;
-        let fut = async move { connect(&target, api_qps).await }.instrument(self.span.clone());
+        let gate = self.gate.clone();
+        let fut =
+            async move { connect(&target, api_qps, gate).await }.instrument(self.span.clone());
         ctx.spawn(fut.into_actor(self).map(|result, actor, ctx| {
             let _span = actor.span.clone().entered();
             match result {
@@ -677,13 +685,16 @@ pub struct WorkloadEvent {
     pub update: WorkloadUpdate,
 }
 
-async fn connect(target: &ClusterTarget, api_qps: f64) -> Result<(Client, String), ClusterHealth> {
-    let client =
-        build_client(target, Some(api_qps))
-            .await
-            .map_err(|error| ClusterHealth::Unreachable {
-                reason: error.to_string(),
-            })?;
+async fn connect(
+    target: &ClusterTarget,
+    api_qps: f64,
+    gate: WriteGate,
+) -> Result<(Client, String), ClusterHealth> {
+    let client = build_client(target, Some(api_qps), gate)
+        .await
+        .map_err(|error| ClusterHealth::Unreachable {
+            reason: error.to_string(),
+        })?;
     let version = client
         .apiserver_version()
         .await
@@ -712,9 +723,14 @@ async fn connect(target: &ClusterTarget, api_qps: f64) -> Result<(Client, String
 }
 
 /// Builds a client for one kubeconfig context, limited to `api_qps`
-/// requests per second when given. Must run on the Arbiter that will use the
-/// client: its connection pool lives on that runtime.
-pub async fn build_client(target: &ClusterTarget, api_qps: Option<f64>) -> Result<Client, Error> {
+/// requests per second when given, whose writes pass `gate` (one place for
+/// every write, whoever makes it). Must run on the Arbiter that will use
+/// the client: its connection pool lives on that runtime.
+pub async fn build_client(
+    target: &ClusterTarget,
+    api_qps: Option<f64>,
+    gate: WriteGate,
+) -> Result<Client, Error> {
     let kubeconfig =
         Kubeconfig::read_from(&target.kubeconfig).map_err(|source| Error::ReadKubeconfig {
             cluster: target.name.clone(),
@@ -737,12 +753,15 @@ pub async fn build_client(target: &ClusterTarget, api_qps: Option<f64>) -> Resul
         cluster: target.name.clone(),
         source,
     })?;
+    // Outside the rate limit: a refused write takes no request slot.
+    let gate = FilterLayer::new(move |request| gate.check(request));
     Ok(match api_qps.and_then(request_rate) {
         // Counts request starts; a long-running watch holds no slot.
         Some(rate) => builder
             .with_layer(&RateLimitLayer::new(rate.0, rate.1))
+            .with_layer(&gate)
             .build(),
-        None => builder.build(),
+        None => builder.with_layer(&gate).build(),
     })
 }
 

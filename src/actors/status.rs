@@ -81,17 +81,26 @@ fn is_zero(value: &u32) -> bool {
 /// What `GET /api/v1/status` returns.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusView {
+    /// A standby waiting for the leader Lease: it watches no cluster, so
+    /// its empty list says nothing about the fleet.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub standby: bool,
     pub clusters: Vec<ClusterView>,
 }
+
+/// What a standby's `/readyz` and `kube-prefetch status` say.
+pub const STANDBY: &str = "standby: waiting for the leader lease; the leader serves the status";
 
 impl StatusView {
     /// Ready when every configured cluster has been heard from at least once.
     /// A cluster reconnecting after a restart has been: one cluster's panic
-    /// must not make the whole process unready.
+    /// must not make the whole process unready. A standby is never ready.
     pub fn all_clusters_reported(&self) -> bool {
-        self.clusters
-            .iter()
-            .all(|cluster| cluster.health != ClusterHealth::Connecting || cluster.restarts > 0)
+        !self.standby
+            && self
+                .clusters
+                .iter()
+                .all(|cluster| cluster.health != ClusterHealth::Connecting || cluster.restarts > 0)
     }
 
     /// What `/healthz` says below its "ok": one line per cluster that
@@ -128,7 +137,20 @@ pub fn times(count: u32) -> String {
 
 #[derive(Default)]
 pub struct StatusActor {
+    standby: bool,
     clusters: BTreeMap<String, ClusterView>,
+}
+
+/// Whether this instance is a standby (leader election).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetStandby(pub bool);
+
+impl Handler<SetStandby> for StatusActor {
+    type Result = ();
+    fn handle(&mut self, SetStandby(standby): SetStandby, _: &mut Self::Context) {
+        self.standby = standby;
+    }
 }
 
 impl Actor for StatusActor {
@@ -285,6 +307,7 @@ impl Handler<GetStatus> for StatusActor {
     type Result = MessageResult<GetStatus>;
     fn handle(&mut self, _: GetStatus, _: &mut Self::Context) -> Self::Result {
         MessageResult(StatusView {
+            standby: self.standby,
             clusters: self.clusters.values().cloned().collect(),
         })
     }
@@ -307,6 +330,7 @@ mod tests {
     #[test]
     fn health_details_name_crashed_and_restarted_clusters() {
         let view = StatusView {
+            standby: false,
             clusters: vec![
                 cluster(
                     "a",
@@ -343,10 +367,17 @@ mod tests {
     #[test]
     fn a_restarted_cluster_reconnecting_keeps_the_process_ready() {
         let mut view = StatusView {
+            standby: false,
             clusters: vec![cluster("a", ClusterHealth::Connecting, 1)],
         };
         assert!(view.all_clusters_reported());
         view.clusters[0].restarts = 0;
         assert!(!view.all_clusters_reported());
+        // A standby is not ready, whatever its (empty) list says.
+        let standby = StatusView {
+            standby: true,
+            clusters: Vec::new(),
+        };
+        assert!(!standby.all_clusters_reported());
     }
 }

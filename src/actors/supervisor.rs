@@ -21,6 +21,7 @@ use crate::actors::status::{
     ClusterAdded, ClusterCrashed, ClusterRemoved, ClusterRestarted, StatusActor,
 };
 use crate::config::{self, ClusterTarget, Config};
+use crate::leader::WriteGate;
 use crate::metrics::Metrics;
 
 struct RunningCluster {
@@ -121,6 +122,7 @@ pub struct Supervisor {
     config_path: PathBuf,
     config: Arc<Config>,
     targets: Vec<ClusterTarget>,
+    gate: WriteGate,
     status: Addr<StatusActor>,
     metrics: Metrics,
     running: BTreeMap<String, RunningCluster>,
@@ -128,6 +130,8 @@ pub struct Supervisor {
     /// Panics in a row per cluster (reset by a stable run), for the backoff.
     consecutive_panics: BTreeMap<String, u32>,
     next_incarnation: u64,
+    /// After [`StopClusters`]: nothing starts again.
+    stopped: bool,
 }
 
 impl Supervisor {
@@ -135,6 +139,7 @@ impl Supervisor {
         config_path: PathBuf,
         config: Config,
         targets: Vec<ClusterTarget>,
+        gate: WriteGate,
         status: Addr<StatusActor>,
         metrics: Metrics,
     ) -> Self {
@@ -142,12 +147,14 @@ impl Supervisor {
             config_path,
             config: Arc::new(config),
             targets,
+            gate,
             status,
             metrics,
             running: BTreeMap::new(),
             crashed: BTreeMap::new(),
             consecutive_panics: BTreeMap::new(),
             next_incarnation: 0,
+            stopped: false,
         }
     }
 
@@ -156,6 +163,7 @@ impl Supervisor {
         let config = self.config.clone();
         let status = self.status.clone();
         let metrics = self.metrics.clone();
+        let gate = self.gate.clone();
         let actor_target = target.clone();
         let incarnation = self.next_incarnation;
         self.next_incarnation = self.next_incarnation.wrapping_add(1);
@@ -170,7 +178,7 @@ impl Supervisor {
         // Runs on the new Arbiter's thread, before anything of the cluster.
         let addr = ClusterActor::start_in_arbiter(&arbiter.handle(), move |_| {
             CLUSTER_OF_THREAD.with(|slot| *slot.borrow_mut() = Some(reporter));
-            ClusterActor::new(actor_target, config, status, metrics)
+            ClusterActor::new(actor_target, config, gate, status, metrics)
         });
         self.running.insert(
             target.name.clone(),
@@ -280,6 +288,31 @@ impl Actor for Supervisor {
     }
 }
 
+/// Stop every cluster now (shutdown, or the Lease lost): no more dispatch
+/// while the process winds down.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopClusters;
+
+impl Handler<StopClusters> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, _: StopClusters, ctx: &mut Self::Context) {
+        // Nothing is reloaded or restarted after this.
+        self.stopped = true;
+        let names: Vec<String> = self
+            .running
+            .keys()
+            .chain(self.crashed.keys())
+            .cloned()
+            .collect();
+        for name in names {
+            self.stop_cluster(&name, ctx);
+        }
+        info!("stopped every cluster");
+    }
+}
+
 /// Re-read the config file (SIGHUP).
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -289,6 +322,9 @@ impl Handler<Reload> for Supervisor {
     type Result = ();
 
     fn handle(&mut self, _: Reload, ctx: &mut Self::Context) {
+        if self.stopped {
+            return;
+        }
         let loaded = config::load(&self.config_path).and_then(|config| {
             let targets = config::resolve_clusters(&config)?;
             Ok((config, targets))

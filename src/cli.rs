@@ -14,7 +14,7 @@ use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
 };
 use k8s_openapi::api::batch::v1::{CronJob, Job};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Namespace, Node};
 use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, Resource, ResourceExt};
 use tracing::{info, warn};
@@ -27,6 +27,7 @@ use crate::config::{self, ClusterTarget, Config};
 use crate::error::{api_status_code, describe_kube_error};
 use crate::leader::WriteGate;
 use crate::metrics::Metrics;
+use crate::pull::namespaces::{NamespacePolicy, PREFETCH_FROM_ANNOTATION};
 use crate::pull::plan::{ExtraImages, desired_pulls};
 use crate::pull::targeting::{NodeTargeting, NodeView};
 use crate::pull::workload::{PodTemplated, WorkloadImages};
@@ -293,6 +294,8 @@ const REQUIRED_ACCESS: &[(&str, &str, &str)] = &[
     ("cache.techsquad.rocks", "prefetches/status", "patch"),
     ("", "nodes", "list"),
     ("", "nodes", "watch"),
+    ("", "namespaces", "list"),
+    ("", "namespaces", "watch"),
     ("", "pods", "list"),
     ("", "pods", "watch"),
     ("", "pods", "create"),
@@ -488,11 +491,23 @@ async fn plan_cluster(config: &Config, target: &ClusterTarget) -> anyhow::Result
         .list(&ListParams::default())
         .await
         .map_err(|error| anyhow::anyhow!("listing Prefetches: {}", describe_kube_error(&error)))?;
+    // The namespaces' annotations decide cross-namespace use, as in `run`.
+    let mut policy = NamespacePolicy::new(config.policy.cross_namespace);
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let namespaces = namespaces
+        .list(&ListParams::default())
+        .await
+        .map_err(|error| anyhow::anyhow!("listing namespaces: {}", describe_kube_error(&error)))?;
+    for namespace in &namespaces.items {
+        if let Some(from) = namespace.annotations().get(PREFETCH_FROM_ANNOTATION) {
+            policy.set(&namespace.name_any(), Some(from));
+        }
+    }
     let mut lines = Vec::new();
     for prefetch in &prefetches.items {
         let own = prefetch.namespace().unwrap_or_default();
         let spec = &prefetch.spec;
-        let (namespaces, _) = spec.workload_namespaces(&own, config.policy.cross_namespace);
+        let (namespaces, _) = spec.workload_namespaces(&own, |target| policy.allows(&own, target));
         // An invalid label key builds no selector: the Prefetch's own
         // images are still planned, its problem is printed below.
         let (kinds, labels) = match spec.label_selector() {

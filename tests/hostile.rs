@@ -603,3 +603,132 @@ async fn a_pod_labelled_as_ours_in_another_namespace_is_not_adopted() -> Result<
     theirs.cleanup().await?;
     Ok(())
 }
+
+/// Cross-namespace use is the target namespace's decision: with
+/// `policy.cross_namespace` off, a namespace whose annotation names the
+/// Prefetch's namespace is used, one without it is refused with a message
+/// naming the rule, and annotating it later lets the Prefetch finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_decides_who_may_prefetch_into_it() -> Result<()> {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::api::{Api, Patch, PatchParams};
+    let _serial = setup().await;
+    let cluster = support::cluster_names()[1].clone();
+    let home = support::TestNamespace::create(&cluster, "from").await?;
+    let shared = support::TestNamespace::create(&cluster, "shared").await?;
+    let closed = support::TestNamespace::create(&cluster, "closed").await?;
+    let log = PodLog::start(home.client()).await?;
+    let app = format!("cross-{}", home.name());
+    for ns in [&shared, &closed] {
+        let labels = json!({ "app": app });
+        apply(
+            &ns.api::<Deployment>(),
+            json!({
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": { "name": "app", "labels": labels },
+                "spec": {
+                    "replicas": 1,
+                    "selector": { "matchLabels": labels },
+                    "template": {
+                        "metadata": { "labels": labels },
+                        "spec": { "containers": [{ "name": "app", "image": format!("registry.example/hostile/{}:1", ns.name()) }] },
+                    },
+                },
+            }),
+        )
+        .await?;
+    }
+    let namespaces: Api<Namespace> = Api::all(home.client());
+    let annotate = |name: String, value: String| {
+        let namespaces = namespaces.clone();
+        async move {
+            namespaces
+                .patch(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({ "metadata": { "annotations": { "cache.techsquad.rocks/prefetch-from": value } } })),
+                )
+                .await
+                .with_context(|| format!("annotating namespace {name}"))
+        }
+    };
+    annotate(
+        shared.name().to_string(),
+        format!("someone-else, {}", home.name()),
+    )
+    .await?;
+
+    let _orchestrator = Orchestrator::start("hostile-cross-namespace", Options::default()).await?;
+    let prefetches = home.api::<Prefetch>();
+    let spec = json!({
+        "filter_by_labels": { "app": app },
+        "namespaces": [shared.name(), closed.name()],
+        "node_filter": "worker",
+    });
+    apply(&prefetches, prefetch_json("remote", spec)).await?;
+    let status = wait_phase(
+        &home.client(),
+        home.name(),
+        "remote",
+        Phase::Failed,
+        READY_TIMEOUT,
+    )
+    .await?;
+    assert_eq!(
+        status.message.as_deref(),
+        Some(
+            format!(
+                "namespace {} refused: cross-namespace prefetching is disabled by policy (policy.cross_namespace = false) and the namespace has no annotation cache.techsquad.rocks/prefetch-from naming {}",
+                closed.name(),
+                home.name()
+            )
+            .as_str()
+        )
+    );
+    // The namespace that allows it is used meanwhile.
+    let workers = workers(&cluster).len();
+    support::wait_for("pull pods in the allowing namespace", READY_TIMEOUT, || {
+        let count = log.pods_in(shared.name()).len();
+        async move { Ok((count >= workers).then_some(())) }
+    })
+    .await?;
+    assert!(log.pods_in(closed.name()).is_empty());
+
+    // An annotation naming someone else refuses, and says so.
+    annotate(closed.name().to_string(), "someone-else".into()).await?;
+    let expected = format!(
+        "namespace {} refused: its annotation cache.techsquad.rocks/prefetch-from = \"someone-else\" does not name {}",
+        closed.name(),
+        home.name()
+    );
+    support::wait_for("the annotation's refusal", Duration::from_secs(30), || {
+        let client = home.client();
+        let (namespace, expected) = (home.name().to_string(), expected.clone());
+        async move {
+            let status = prefetch_status(&client, &namespace, "remote").await?;
+            Ok(
+                (status.and_then(|s| s.message).as_deref() == Some(expected.as_str()))
+                    .then_some(()),
+            )
+        }
+    })
+    .await?;
+
+    // Naming the Prefetch's namespace lets it in: READY.
+    annotate(closed.name().to_string(), home.name().to_string()).await?;
+    wait_phase(
+        &home.client(),
+        home.name(),
+        "remote",
+        Phase::Ready,
+        READY_TIMEOUT,
+    )
+    .await?;
+    assert_eq!(log.pods_in(closed.name()).len(), workers);
+    home.cleanup().await?;
+    shared.cleanup().await?;
+    closed.cleanup().await?;
+    Ok(())
+}

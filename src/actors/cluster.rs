@@ -12,7 +12,7 @@ use actix::prelude::*;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{Api, ListParams};
 use kube::client::ClientBuilder;
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -39,6 +39,7 @@ use crate::pull::index::{
     NodeIndex, WorkloadChange, WorkloadEntry, WorkloadIndex, WorkloadKey, WorkloadSelector,
     targeting_of,
 };
+use crate::pull::namespaces::{NamespacePolicy, PREFETCH_FROM_ANNOTATION};
 use crate::pull::plan::PairKey;
 use crate::pull::podspec::{PREFETCH_UID_LABEL, managed_selector};
 use crate::pull::targeting::{NodeTargeting, NodeView};
@@ -111,6 +112,11 @@ pub struct ClusterActor {
     pods: BTreeMap<(String, String), Pod>,
     pods_buffer: Option<BTreeMap<(String, String), Pod>>,
     pods_synced: bool,
+    /// Who may use which namespace besides their own (the namespaces'
+    /// annotations over `policy.cross_namespace`).
+    namespace_policy: NamespacePolicy,
+    namespaces_buffer: Option<BTreeMap<String, String>>,
+    namespaces_synced: bool,
     /// The pull pod slots, handed out round robin across Prefetches.
     queue: DispatchQueue,
     background: Vec<tokio::task::JoinHandle<()>>,
@@ -127,6 +133,7 @@ impl ClusterActor {
         metrics: Metrics,
     ) -> Self {
         let span = info_span!("cluster", cluster = %target.name);
+        let namespace_policy = NamespacePolicy::new(config.policy.cross_namespace);
         ClusterActor {
             target,
             config,
@@ -146,6 +153,9 @@ impl ClusterActor {
             pods: BTreeMap::new(),
             pods_buffer: None,
             pods_synced: false,
+            namespace_policy,
+            namespaces_buffer: None,
+            namespaces_synced: false,
             queue: DispatchQueue::new(0, 0),
             background: Vec::new(),
             last_health: None,
@@ -239,6 +249,14 @@ impl ClusterActor {
             addr.clone(),
             NodeEvent,
         );
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        self.spawn_watch(
+            namespaces,
+            watcher::Config::default(),
+            "namespaces",
+            addr.clone(),
+            NamespaceEvent,
+        );
         let pods: Api<Pod> = Api::all(client);
         self.spawn_watch(
             pods,
@@ -287,7 +305,7 @@ impl ClusterActor {
         WorkloadSelector::for_spec(
             &prefetch.spec,
             &prefetch.namespace().unwrap_or_default(),
-            self.config.policy.cross_namespace,
+            &self.namespace_policy,
         )
     }
 
@@ -362,10 +380,10 @@ impl ClusterActor {
                 let error = watch.error.as_ref()?;
                 Some(format!("cannot watch {kind}s: {error}"))
             })
-            .collect();
+            .collect::<Vec<String>>();
         Workloads {
             entries: self.workloads.select(selector),
-            errors,
+            errors: selector.refusal.iter().cloned().chain(errors).collect(),
         }
     }
 
@@ -381,7 +399,7 @@ impl ClusterActor {
     /// it plans from has been listed. Nothing is sent while the spec is
     /// unchanged (our own status writes come back as Prefetch events).
     fn deliver(&mut self, uid: &str) {
-        if !(self.nodes.is_synced() && self.pods_synced) {
+        if !(self.nodes.is_synced() && self.pods_synced && self.namespaces_synced) {
             return;
         }
         let Some(shared) = self.shared.clone() else {
@@ -390,14 +408,13 @@ impl ClusterActor {
         let Some(entry) = self.prefetches.get(uid) else {
             return;
         };
-        if entry
-            .delivered
-            .as_ref()
-            .is_some_and(|delivered| delivered.spec == entry.latest.spec)
-        {
+        // The selection also changes when a namespace's annotation does.
+        let selector = self.selector_of(&entry.latest);
+        if entry.delivered.as_ref().is_some_and(|delivered| {
+            delivered.spec == entry.latest.spec && delivered.selector == selector
+        }) {
             return;
         }
-        let selector = self.selector_of(&entry.latest);
         if !self.workloads_settled(&selector) {
             // Planning now would drop every pair of the kinds not listed yet.
             return;
@@ -833,6 +850,65 @@ pub struct NodeEvent(pub watcher::Event<Node>);
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct PodEvent(pub watcher::Event<Pod>);
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct NamespaceEvent(pub watcher::Event<Namespace>);
+
+/// A namespace's name and its [`PREFETCH_FROM_ANNOTATION`], if any.
+fn prefetch_from(namespace: &Namespace) -> (String, Option<String>) {
+    (
+        namespace.name_any(),
+        namespace
+            .annotations()
+            .get(PREFETCH_FROM_ANNOTATION)
+            .cloned(),
+    )
+}
+
+impl Handler<NamespaceEvent> for ClusterActor {
+    type Result = ();
+    fn handle(&mut self, NamespaceEvent(event): NamespaceEvent, _: &mut Self::Context) {
+        let _span = self.span.clone().entered();
+        self.mark_healthy();
+        let changed = match event {
+            watcher::Event::Init => {
+                self.namespaces_buffer = Some(BTreeMap::new());
+                false
+            }
+            watcher::Event::InitApply(namespace) => {
+                if let (name, Some(annotation)) = prefetch_from(&namespace) {
+                    self.namespaces_buffer
+                        .get_or_insert_with(BTreeMap::new)
+                        .insert(name, annotation);
+                }
+                false
+            }
+            watcher::Event::InitDone => {
+                let listed = self.namespaces_buffer.take().unwrap_or_default();
+                let changed = self.namespace_policy.replace_all(
+                    listed
+                        .iter()
+                        .map(|(name, value)| (name.as_str(), value.as_str())),
+                );
+                let first = !self.namespaces_synced;
+                self.namespaces_synced = true;
+                changed || first
+            }
+            watcher::Event::Apply(namespace) => {
+                let (name, annotation) = prefetch_from(&namespace);
+                self.namespace_policy.set(&name, annotation.as_deref())
+            }
+            watcher::Event::Delete(namespace) => {
+                self.namespace_policy.set(&namespace.name_any(), None)
+            }
+        };
+        if changed && self.namespaces_synced {
+            debug!("namespace annotations changed; re-selecting");
+            self.deliver_all();
+        }
+    }
+}
 
 #[derive(Message)]
 #[rtype(result = "()")]

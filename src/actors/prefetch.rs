@@ -56,7 +56,6 @@ pub struct PrefetchActor {
     dirty_nodes: BTreeSet<String>,
     /// The planner changed (spec or workloads): every node is re-planned.
     replan_all: bool,
-    refused_namespaces: Vec<String>,
     /// Uids of pods we judged and asked to delete; their later events are
     /// noise, even once a new attempt reuses the name.
     judged: BTreeSet<String>,
@@ -127,7 +126,6 @@ impl PrefetchActor {
             planner: Planner::new([], &ExtraImages::default(), Default::default(), true, false),
             dirty_nodes: BTreeSet::new(),
             replan_all: true,
-            refused_namespaces: Vec::new(),
             judged: BTreeSet::new(),
             judged_names: BTreeSet::new(),
             pending_pods: existing_pods,
@@ -198,9 +196,6 @@ impl PrefetchActor {
 
     fn set_workloads(&mut self, workloads: Workloads) {
         let spec = &self.prefetch.spec;
-        let (_, refused) =
-            spec.workload_namespaces(&self.namespace(), self.shared.config.policy.cross_namespace);
-        self.refused_namespaces = refused;
         let extra = ExtraImages {
             images: spec.images.clone(),
             namespace: self.namespace(),
@@ -739,13 +734,6 @@ impl PrefetchActor {
         let spec = &self.prefetch.spec;
         let mut messages = Vec::new();
         let mut phase = self.tracker.phase();
-        if !self.refused_namespaces.is_empty() {
-            phase = Phase::Failed;
-            messages.push(format!(
-                "namespaces {} refused: cross-namespace prefetching is disabled by policy (policy.cross_namespace = false)",
-                self.refused_namespaces.join(", ")
-            ));
-        }
         let problems = spec.spec_problems();
         if !problems.is_empty() {
             phase = Phase::Failed;

@@ -732,3 +732,76 @@ async fn a_namespace_decides_who_may_prefetch_into_it() -> Result<()> {
     closed.cleanup().await?;
     Ok(())
 }
+
+/// A Prefetch planning more (node, image) pairs than
+/// `defaults.max_pairs_per_prefetch` is FAILED, saying which limit, and
+/// costs nothing else: no pull pod of it, and another Prefetch beside it
+/// finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefetch_over_the_pair_limit_fails_and_plans_nothing() -> Result<()> {
+    let _serial = setup().await;
+    let cluster = support::cluster_names()[0].clone();
+    let ns = support::TestNamespace::create(&cluster, "pairs").await?;
+    let log = PodLog::start(ns.client()).await?;
+    let workers = workers(&cluster).len();
+    // One image on every worker fits; two do not.
+    let _orchestrator = Orchestrator::start(
+        "hostile-pair-limit",
+        Options {
+            env: vec![(
+                "KUBE_PREFETCH__DEFAULTS__MAX_PAIRS_PER_PREFETCH".into(),
+                workers.to_string(),
+            )],
+            ..Options::default()
+        },
+    )
+    .await?;
+    let image = |tag: &str| format!("registry.example/hostile/pairs-{tag}:{}", ns.name());
+    let prefetches = ns.api::<Prefetch>();
+    apply(
+        &prefetches,
+        prefetch_json(
+            "too-big",
+            json!({ "images": [image("a"), image("b")], "node_filter": "worker" }),
+        ),
+    )
+    .await?;
+    apply(
+        &prefetches,
+        prefetch_json(
+            "fits",
+            json!({ "images": [image("c")], "node_filter": "worker" }),
+        ),
+    )
+    .await?;
+    let status = wait_phase(
+        &ns.client(),
+        ns.name(),
+        "too-big",
+        Phase::Failed,
+        READY_TIMEOUT,
+    )
+    .await?;
+    assert_eq!(
+        status.message.as_deref(),
+        Some(
+            format!(
+                "too many (node, image) pairs: more than {workers}, the limit per Prefetch (defaults.max_pairs_per_prefetch); select fewer images or nodes"
+            )
+            .as_str()
+        )
+    );
+    assert_eq!(status.pulls.total, 0, "{status:?}");
+    wait_phase(&ns.client(), ns.name(), "fits", Phase::Ready, READY_TIMEOUT).await?;
+    let images: BTreeSet<String> = log
+        .pods_in(ns.name())
+        .into_iter()
+        .map(|pod| pod.image)
+        .collect();
+    assert!(
+        images.iter().all(|pulled| pulled.contains("pairs-c")),
+        "pull pods of the refused Prefetch: {images:?}"
+    );
+    ns.cleanup().await?;
+    Ok(())
+}

@@ -28,7 +28,7 @@ use crate::api::{
 use crate::error::{api_status_code, describe_kube_error};
 use crate::pull::index::{NodeChange, WorkloadEntry, targeting_of};
 use crate::pull::outcome::classify;
-use crate::pull::plan::{DesiredSet, ExtraImages, PairKey, Planner};
+use crate::pull::plan::{DesiredSet, ExtraImages, PairKey, Planner, TooManyPairs};
 use crate::pull::podspec::{PullPodParams, build_pull_pod, check_own_pull_pod, pair_of_pod};
 use crate::pull::targeting::NodeView;
 use crate::pull::tracker::{BackoffPolicy, Outcome, Tracker};
@@ -56,6 +56,8 @@ pub struct PrefetchActor {
     dirty_nodes: BTreeSet<String>,
     /// The planner changed (spec or workloads): every node is re-planned.
     replan_all: bool,
+    /// Over `defaults.max_pairs_per_prefetch`: nothing is planned.
+    too_many_pairs: Option<TooManyPairs>,
     /// Uids of pods we judged and asked to delete; their later events are
     /// noise, even once a new attempt reuses the name.
     judged: BTreeSet<String>,
@@ -126,6 +128,7 @@ impl PrefetchActor {
             planner: Planner::new([], &ExtraImages::default(), Default::default(), true, false),
             dirty_nodes: BTreeSet::new(),
             replan_all: true,
+            too_many_pairs: None,
             judged: BTreeSet::new(),
             judged_names: BTreeSet::new(),
             pending_pods: existing_pods,
@@ -233,17 +236,12 @@ impl PrefetchActor {
         let _span = self.span.clone().entered();
         let now = Instant::now();
         let mut changed = wakeup || !self.planned || !self.pending_pods.is_empty();
-        if std::mem::take(&mut self.replan_all) {
-            changed = true;
-            self.dirty_nodes.clear();
-            self.desired = self.planner.plan(self.nodes.values().map(|node| &**node));
-            self.tracker.set_desired(&self.desired);
-            let keys: Vec<PairKey> = self.desired.pairs.keys().cloned().collect();
-            for key in &keys {
-                self.check_node_report(key, now);
-            }
-            self.restore_verified(now);
-        } else {
+        let limit = self.shared.config.defaults.max_pairs_per_prefetch;
+        // Over the limit, any node change may bring it back under: the
+        // whole plan is redone, which stops at the limit anyway.
+        let mut full = std::mem::take(&mut self.replan_all)
+            || (self.too_many_pairs.is_some() && !self.dirty_nodes.is_empty());
+        if !full {
             for name in std::mem::take(&mut self.dirty_nodes) {
                 let plan = self
                     .nodes
@@ -258,6 +256,26 @@ impl PrefetchActor {
                     changed |= self.check_node_report(key, now);
                 }
             }
+            // Crossed the limit node by node.
+            full = self.desired.pairs.len() > limit;
+        }
+        if full {
+            changed = true;
+            self.dirty_nodes.clear();
+            let (desired, too_many) = self
+                .planner
+                .plan_within(self.nodes.values().map(|node| &**node), limit);
+            if too_many.is_some() && self.too_many_pairs.is_none() {
+                warn!(limit, "over the pair limit: planning nothing");
+            }
+            self.too_many_pairs = too_many;
+            self.desired = desired;
+            self.tracker.set_desired(&self.desired);
+            let keys: Vec<PairKey> = self.desired.pairs.keys().cloned().collect();
+            for key in &keys {
+                self.check_node_report(key, now);
+            }
+            self.restore_verified(now);
         }
         if !changed {
             return;
@@ -734,6 +752,10 @@ impl PrefetchActor {
         let spec = &self.prefetch.spec;
         let mut messages = Vec::new();
         let mut phase = self.tracker.phase();
+        if let Some(too_many) = &self.too_many_pairs {
+            phase = Phase::Failed;
+            messages.push(too_many.to_string());
+        }
         let problems = spec.spec_problems();
         if !problems.is_empty() {
             phase = Phase::Failed;

@@ -805,3 +805,55 @@ async fn a_prefetch_over_the_pair_limit_fails_and_plans_nothing() -> Result<()> 
     ns.cleanup().await?;
     Ok(())
 }
+
+/// A status is kept under its size limit in bytes whatever the spec holds:
+/// 256 long (valid) image references would make a status over 64 KiB; it is
+/// written anyway, saying how many images its list shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_status_is_bounded_and_says_so() -> Result<()> {
+    let _serial = setup().await;
+    let cluster = support::cluster_names()[0].clone();
+    let ns = support::TestNamespace::create(&cluster, "status-size").await?;
+    let _orchestrator = Orchestrator::start("hostile-status-size", Options::default()).await?;
+    // 17 + 1 + 230 characters of name (the limit is 255) and a 128-character tag.
+    let images: Vec<String> = (0..256)
+        .map(|i| {
+            format!(
+                "registry.example/{}/i{i:03}:{}",
+                "p".repeat(230),
+                "t".repeat(128)
+            )
+        })
+        .collect();
+    apply(
+        &ns.api::<Prefetch>(),
+        // No node matches: the status is all there is.
+        prefetch_json(
+            "long-names",
+            json!({ "images": images, "node_filter": "no-such-node" }),
+        ),
+    )
+    .await?;
+    let status = wait_phase(
+        &ns.client(),
+        ns.name(),
+        "long-names",
+        Phase::Ready,
+        READY_TIMEOUT,
+    )
+    .await?;
+    let shown = status.images.len();
+    assert!(shown > 0 && shown < 256, "{shown} images shown");
+    assert_eq!(
+        status.message.as_deref(),
+        Some(
+            format!(
+                "nothing to prefetch: no targeted node or no image; status.images lists {shown} of 256 images: a status is kept under 65536 bytes"
+            )
+            .as_str()
+        )
+    );
+    assert!(serde_json::to_vec(&status)?.len() <= 65536);
+    ns.cleanup().await?;
+    Ok(())
+}

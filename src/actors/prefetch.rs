@@ -30,6 +30,7 @@ use crate::pull::index::{NodeChange, WorkloadEntry, targeting_of};
 use crate::pull::outcome::classify;
 use crate::pull::plan::{DesiredSet, ExtraImages, PairKey, Planner, TooManyPairs};
 use crate::pull::podspec::{PullPodParams, build_pull_pod, check_own_pull_pod, pair_of_pod};
+use crate::pull::status_size::{MAX_STATUS_BYTES, bound_status};
 use crate::pull::targeting::NodeView;
 use crate::pull::tracker::{BackoffPolicy, Outcome, Tracker};
 use crate::pull::verified;
@@ -810,7 +811,7 @@ impl PrefetchActor {
             }
             _ => Timestamp::now().to_string(),
         };
-        PrefetchStatus {
+        let status = PrefetchStatus {
             phase: Some(phase),
             observed_generation: self.prefetch.metadata.generation,
             images: self.desired.images.iter().cloned().collect(),
@@ -837,7 +838,10 @@ impl PrefetchActor {
             last_sync_time: Some(Timestamp::now().to_string()),
             message,
             verified: self.verified_record(),
-        }
+        };
+        // The API server refuses a status over its limits: it would then
+        // never be written.
+        bound_status(status, MAX_STATUS_BYTES)
     }
 
     /// The record of verified pairs for the status. One whose digests did

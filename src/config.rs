@@ -76,6 +76,7 @@ pub mod bounds {
     /// A pair costs about a kilobyte while planned and tracked: a million
     /// is a gigabyte, over the Deployment's memory limit.
     pub const MAX_PAIRS_PER_PREFETCH: RangeInclusive<u64> = 1..=1_000_000;
+    pub const MAX_PAIRS_PER_CLUSTER: RangeInclusive<u64> = 1..=5_000_000;
     /// Below 0.1 a request waits more than 10 s for its turn.
     pub const API_QPS: RangeInclusive<f64> = 0.1..=10_000.0;
     pub const STATUS_DEBOUNCE: RangeInclusive<Duration> = seconds(0)..=seconds(MINUTE);
@@ -138,6 +139,9 @@ pub struct Defaults {
     /// (node, image) pairs one `Prefetch` may plan; over it, it is FAILED
     /// and plans nothing.
     pub max_pairs_per_prefetch: usize,
+    /// (node, image) pairs all `Prefetch`es of one cluster may plan
+    /// together; the newest that would pass it is FAILED.
+    pub max_pairs_per_cluster: usize,
     /// Client-side request rate to each API server, in requests per second.
     pub api_qps: f64,
     /// Status writes of one `Prefetch` are coalesced over this window.
@@ -154,6 +158,7 @@ impl Default for Defaults {
             max_parallel_per_prefetch: 10,
             max_parallel_per_cluster: 50,
             max_pairs_per_prefetch: 50_000,
+            max_pairs_per_cluster: 200_000,
             api_qps: 20.0,
             status_debounce: Duration::from_secs(1),
         }
@@ -632,6 +637,7 @@ pub const SETTINGS: &[(&str, &[&str])] = &[
             "max_parallel_per_prefetch",
             "max_parallel_per_cluster",
             "max_pairs_per_prefetch",
+            "max_pairs_per_cluster",
             "api_qps",
             "status_debounce",
         ],
@@ -1260,6 +1266,11 @@ fn validate_with(
             d.max_pairs_per_prefetch as u64,
             MAX_PAIRS_PER_PREFETCH,
         )?),
+        max_pairs_per_cluster: count(read.whole(
+            "defaults.max_pairs_per_cluster",
+            d.max_pairs_per_cluster as u64,
+            MAX_PAIRS_PER_CLUSTER,
+        )?),
         api_qps: read.number(
             "defaults.api_qps",
             d.api_qps,
@@ -1691,6 +1702,7 @@ lease_name = "prefetch"
                 max_parallel_per_prefetch: 5,
                 max_parallel_per_cluster: 20,
                 max_pairs_per_prefetch: 50_000,
+                max_pairs_per_cluster: 200_000,
                 api_qps: 7.5,
                 status_debounce: Duration::from_millis(250),
             },
@@ -1829,7 +1841,7 @@ lease_name = "prefetch"
         }
         assert_eq!(
             error.to_string(),
-            "config/x.toml:7:1: unknown key \"retry_afterr\" in [defaults]; its keys are retry_after, pull_timeout, max_parallel_per_node, max_parallel_per_prefetch, max_parallel_per_cluster, max_pairs_per_prefetch, api_qps, status_debounce"
+            "config/x.toml:7:1: unknown key \"retry_afterr\" in [defaults]; its keys are retry_after, pull_timeout, max_parallel_per_node, max_parallel_per_prefetch, max_parallel_per_cluster, max_pairs_per_prefetch, max_pairs_per_cluster, api_qps, status_debounce"
         );
     }
 
@@ -2754,6 +2766,7 @@ lease_name = "prefetch"
             prop_assert!(MAX_PARALLEL_PER_PREFETCH.contains(&(d.max_parallel_per_prefetch as u64)));
             prop_assert!(MAX_PARALLEL_PER_CLUSTER.contains(&(d.max_parallel_per_cluster as u64)));
             prop_assert!(MAX_PAIRS_PER_PREFETCH.contains(&(d.max_pairs_per_prefetch as u64)));
+            prop_assert!(MAX_PAIRS_PER_CLUSTER.contains(&(d.max_pairs_per_cluster as u64)));
             prop_assert!(API_QPS.contains(&d.api_qps));
             prop_assert!(STATUS_DEBOUNCE.contains(&d.status_debounce));
             let b = &config.backoff;

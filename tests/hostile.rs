@@ -857,3 +857,69 @@ async fn a_huge_status_is_bounded_and_says_so() -> Result<()> {
     ns.cleanup().await?;
     Ok(())
 }
+
+/// All Prefetches of a cluster together stay under
+/// `defaults.max_pairs_per_cluster`: the older keeps its pairs, the newer
+/// one that would pass the limit is FAILED saying so, and gets its turn
+/// once the older is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetches_over_the_cluster_pair_limit_wait_their_turn() -> Result<()> {
+    let _serial = setup().await;
+    let cluster = support::cluster_names()[0].clone();
+    let ns = support::TestNamespace::create(&cluster, "cluster-pairs").await?;
+    let workers = workers(&cluster).len();
+    let _orchestrator = Orchestrator::start(
+        "hostile-cluster-pair-limit",
+        Options {
+            env: vec![(
+                "KUBE_PREFETCH__DEFAULTS__MAX_PAIRS_PER_CLUSTER".into(),
+                workers.to_string(),
+            )],
+            ..Options::default()
+        },
+    )
+    .await?;
+    let spec = |tag: &str| json!({ "images": [format!("registry.example/hostile/cluster-{tag}:{}", ns.name())], "node_filter": "worker" });
+    let prefetches = ns.api::<Prefetch>();
+    apply(&prefetches, prefetch_json("older", spec("a"))).await?;
+    wait_phase(
+        &ns.client(),
+        ns.name(),
+        "older",
+        Phase::Ready,
+        READY_TIMEOUT,
+    )
+    .await?;
+    apply(&prefetches, prefetch_json("newer", spec("b"))).await?;
+    let status = wait_phase(
+        &ns.client(),
+        ns.name(),
+        "newer",
+        Phase::Failed,
+        READY_TIMEOUT,
+    )
+    .await?;
+    assert_eq!(
+        status.message.as_deref(),
+        Some(
+            format!(
+                "too many (node, image) pairs in this cluster: this Prefetch's {workers} would take all Prefetches past {workers}, the limit per cluster (defaults.max_pairs_per_cluster); older Prefetches keep theirs"
+            )
+            .as_str()
+        )
+    );
+    assert_eq!(status.pulls.total, 0, "{status:?}");
+    prefetches
+        .delete("older", &kube::api::DeleteParams::default())
+        .await?;
+    wait_phase(
+        &ns.client(),
+        ns.name(),
+        "newer",
+        Phase::Ready,
+        READY_TIMEOUT,
+    )
+    .await?;
+    ns.cleanup().await?;
+    Ok(())
+}

@@ -25,8 +25,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::actors::delete_pull_pod_until_gone;
 use crate::actors::prefetch::{
-    NodeChanged, PodChanged, PodDeleted, PrefetchActor, Shutdown, SlotsGranted, SpecChanged,
-    Workloads, WorkloadsChanged,
+    ClusterPairLimit, NodeChanged, PodChanged, PodDeleted, PrefetchActor, Shutdown, SlotsGranted,
+    SpecChanged, Workloads, WorkloadsChanged,
 };
 use crate::actors::status::{ClusterHealth, ClusterHealthChanged, StatusActor};
 use crate::api::{Prefetch, PrefetchSpec, WorkloadKind};
@@ -39,6 +39,7 @@ use crate::pull::index::{
     NodeIndex, WorkloadChange, WorkloadEntry, WorkloadIndex, WorkloadKey, WorkloadSelector,
     targeting_of,
 };
+use crate::pull::limits::{self, Claim};
 use crate::pull::namespaces::{NamespacePolicy, PREFETCH_FROM_ANNOTATION};
 use crate::pull::plan::PairKey;
 use crate::pull::podspec::{PREFETCH_UID_LABEL, managed_selector};
@@ -117,6 +118,10 @@ pub struct ClusterActor {
     namespace_policy: NamespacePolicy,
     namespaces_buffer: Option<BTreeMap<String, String>>,
     namespaces_synced: bool,
+    /// Pairs each Prefetch would plan, and those the cluster's pair limit
+    /// refuses.
+    pair_claims: BTreeMap<String, usize>,
+    pairs_refused: BTreeSet<String>,
     /// The pull pod slots, handed out round robin across Prefetches.
     queue: DispatchQueue,
     background: Vec<tokio::task::JoinHandle<()>>,
@@ -156,6 +161,8 @@ impl ClusterActor {
             namespace_policy,
             namespaces_buffer: None,
             namespaces_synced: false,
+            pair_claims: BTreeMap::new(),
+            pairs_refused: BTreeSet::new(),
             queue: DispatchQueue::new(0, 0),
             background: Vec::new(),
             last_health: None,
@@ -491,7 +498,46 @@ impl ClusterActor {
         self.deliver(&uid);
     }
 
+    /// Tells the Prefetches whose standing under the cluster's pair limit
+    /// changed (oldest first keep theirs, see `pull::limits`).
+    fn apply_pair_limit(&mut self) {
+        let limit = self.config.defaults.max_pairs_per_cluster;
+        let claims: Vec<Claim> = self
+            .pair_claims
+            .iter()
+            .filter_map(|(uid, pairs)| {
+                let entry = self.prefetches.get(uid)?;
+                Some(Claim {
+                    created: entry
+                        .latest
+                        .metadata
+                        .creation_timestamp
+                        .as_ref()
+                        .map(|time| time.0.to_string())
+                        .unwrap_or_default(),
+                    uid: uid.clone(),
+                    pairs: *pairs,
+                })
+            })
+            .collect();
+        let refused = limits::refused(&claims, limit);
+        for uid in refused.symmetric_difference(&self.pairs_refused) {
+            if let Some(PrefetchEntry {
+                addr: Some(addr), ..
+            }) = self.prefetches.get(uid)
+            {
+                addr.do_send(ClusterPairLimit(refused.contains(uid).then_some(limit)));
+            }
+        }
+        self.pairs_refused = refused;
+    }
+
     fn stop_prefetch(&mut self, uid: &str, ctx: &mut Context<Self>) {
+        // Its claim goes; the others may fit now.
+        self.pairs_refused.remove(uid);
+        if self.pair_claims.remove(uid).is_some() {
+            self.apply_pair_limit();
+        }
         if let Some(entry) = self.prefetches.remove(uid) {
             // Its slots go to the others at once; its pods are deleted by
             // its actor (or, if that fails, by the orphan sweep).
@@ -936,6 +982,43 @@ pub struct RequestSlots {
 pub struct ReleaseSlot {
     pub uid: String,
     pub node: String,
+}
+
+/// How many (node, image) pairs a Prefetch would plan (for the cluster's
+/// pair limit).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PairsPlanned {
+    pub uid: String,
+    pub pairs: usize,
+}
+
+impl Handler<PairsPlanned> for ClusterActor {
+    type Result = ();
+    fn handle(&mut self, msg: PairsPlanned, _: &mut Self::Context) {
+        if !self.prefetches.contains_key(&msg.uid) {
+            return;
+        }
+        let first = self
+            .pair_claims
+            .insert(msg.uid.clone(), msg.pairs)
+            .is_none();
+        let before = self.pairs_refused.contains(&msg.uid);
+        self.apply_pair_limit();
+        // Its first claim always gets an answer (it dispatches nothing
+        // until then); later ones only when the answer changes.
+        if first
+            && before == self.pairs_refused.contains(&msg.uid)
+            && let Some(PrefetchEntry {
+                addr: Some(addr), ..
+            }) = self.prefetches.get(&msg.uid)
+        {
+            let limit = self.config.defaults.max_pairs_per_cluster;
+            addr.do_send(ClusterPairLimit(
+                self.pairs_refused.contains(&msg.uid).then_some(limit),
+            ));
+        }
+    }
 }
 
 /// A Prefetch took over a pod found after a restart: it holds a slot.

@@ -18,7 +18,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::actors::cluster::{AdoptSlot, ClusterContext, ReleaseSlot, RequestSlots};
+use crate::actors::cluster::{AdoptSlot, ClusterContext, PairsPlanned, ReleaseSlot, RequestSlots};
 use crate::actors::status::{PrefetchGone, PrefetchReported, PrefetchSummary};
 use crate::actors::{delete_pull_pod, delete_pull_pod_until_gone};
 use crate::api::{
@@ -27,6 +27,7 @@ use crate::api::{
 };
 use crate::error::{api_status_code, describe_kube_error};
 use crate::pull::index::{NodeChange, WorkloadEntry, targeting_of};
+use crate::pull::limits;
 use crate::pull::outcome::classify;
 use crate::pull::plan::{DesiredSet, ExtraImages, PairKey, Planner, TooManyPairs};
 use crate::pull::podspec::{PullPodParams, build_pull_pod, check_own_pull_pod, pair_of_pod};
@@ -59,6 +60,13 @@ pub struct PrefetchActor {
     replan_all: bool,
     /// Over `defaults.max_pairs_per_prefetch`: nothing is planned.
     too_many_pairs: Option<TooManyPairs>,
+    /// Refused by the cluster's pair limit (this limit): nothing is planned.
+    cluster_pair_limit: Option<usize>,
+    /// The pairs this Prefetch would plan, as told to the cluster actor.
+    claimed_pairs: usize,
+    reported_pairs: Option<usize>,
+    /// Whether the cluster answered a claim yet.
+    pair_verdict: bool,
     /// Uids of pods we judged and asked to delete; their later events are
     /// noise, even once a new attempt reuses the name.
     judged: BTreeSet<String>,
@@ -130,6 +138,10 @@ impl PrefetchActor {
             dirty_nodes: BTreeSet::new(),
             replan_all: true,
             too_many_pairs: None,
+            cluster_pair_limit: None,
+            claimed_pairs: 0,
+            reported_pairs: None,
+            pair_verdict: false,
             judged: BTreeSet::new(),
             judged_names: BTreeSet::new(),
             pending_pods: existing_pods,
@@ -240,8 +252,9 @@ impl PrefetchActor {
         let limit = self.shared.config.defaults.max_pairs_per_prefetch;
         // Over the limit, any node change may bring it back under: the
         // whole plan is redone, which stops at the limit anyway.
-        let mut full = std::mem::take(&mut self.replan_all)
-            || (self.too_many_pairs.is_some() && !self.dirty_nodes.is_empty());
+        let refused = self.too_many_pairs.is_some() || self.cluster_pair_limit.is_some();
+        let mut full =
+            std::mem::take(&mut self.replan_all) || (refused && !self.dirty_nodes.is_empty());
         if !full {
             for name in std::mem::take(&mut self.dirty_nodes) {
                 let plan = self
@@ -259,17 +272,25 @@ impl PrefetchActor {
             }
             // Crossed the limit node by node.
             full = self.desired.pairs.len() > limit;
+            self.claimed_pairs = self.desired.pairs.len();
         }
         if full {
             changed = true;
             self.dirty_nodes.clear();
-            let (desired, too_many) = self
+            let (mut desired, too_many) = self
                 .planner
                 .plan_within(self.nodes.values().map(|node| &**node), limit);
             if too_many.is_some() && self.too_many_pairs.is_none() {
                 warn!(limit, "over the pair limit: planning nothing");
             }
             self.too_many_pairs = too_many;
+            // Counted before dropping them: the cluster needs the claim to
+            // decide again when others change.
+            self.claimed_pairs = desired.pairs.len();
+            if self.cluster_pair_limit.is_some() {
+                desired.pairs.clear();
+                desired.nodes.clear();
+            }
             self.desired = desired;
             self.tracker.set_desired(&self.desired);
             let keys: Vec<PairKey> = self.desired.pairs.keys().cloned().collect();
@@ -277,6 +298,13 @@ impl PrefetchActor {
                 self.check_node_report(key, now);
             }
             self.restore_verified(now);
+        }
+        if self.reported_pairs != Some(self.claimed_pairs) {
+            self.reported_pairs = Some(self.claimed_pairs);
+            self.shared.cluster_actor.do_send(PairsPlanned {
+                uid: self.uid.clone(),
+                pairs: self.claimed_pairs,
+            });
         }
         if !changed {
             return;
@@ -350,15 +378,18 @@ impl PrefetchActor {
     /// start now; the queue answers with [`SlotsGranted`] when slots are
     /// free, fairly across Prefetches.
     fn dispatch(&mut self, ctx: &mut Context<Self>) {
-        let candidates = if self.shutting_down || self.prefetch.spec.is_suspended() {
-            Vec::new()
-        } else {
-            let mut due = self.tracker.due(Instant::now(), self.retry_after());
-            // The queue needs a choice of nodes, not every due pair: due()
-            // spreads them over nodes, so the first ones span many.
-            due.truncate(MAX_CANDIDATES.max(self.max_in_flight().saturating_mul(4)));
-            due
-        };
+        // Nothing starts before the cluster's pair limit has answered the
+        // first claim: a Prefetch it refuses must not cost a pod first.
+        let candidates =
+            if self.shutting_down || self.prefetch.spec.is_suspended() || !self.pair_verdict {
+                Vec::new()
+            } else {
+                let mut due = self.tracker.due(Instant::now(), self.retry_after());
+                // The queue needs a choice of nodes, not every due pair: due()
+                // spreads them over nodes, so the first ones span many.
+                due.truncate(MAX_CANDIDATES.max(self.max_in_flight().saturating_mul(4)));
+                due
+            };
         // Nothing asked and nothing to ask: spare the message.
         if !candidates.is_empty() || self.requested {
             self.requested = !candidates.is_empty();
@@ -757,6 +788,10 @@ impl PrefetchActor {
             phase = Phase::Failed;
             messages.push(too_many.to_string());
         }
+        if let Some(limit) = self.cluster_pair_limit {
+            phase = Phase::Failed;
+            messages.push(limits::refusal(self.claimed_pairs, limit));
+        }
         let problems = spec.spec_problems();
         if !problems.is_empty() {
             phase = Phase::Failed;
@@ -1061,6 +1096,33 @@ impl Actor for PrefetchActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        self.queue_replan(ctx);
+    }
+}
+
+/// The cluster's pair limit refuses this Prefetch (`Some(limit)`), or no
+/// longer does.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ClusterPairLimit(pub Option<usize>);
+
+impl Handler<ClusterPairLimit> for PrefetchActor {
+    type Result = ();
+    fn handle(&mut self, ClusterPairLimit(limit): ClusterPairLimit, ctx: &mut Self::Context) {
+        let first = !std::mem::replace(&mut self.pair_verdict, true);
+        if self.cluster_pair_limit == limit {
+            if first {
+                self.dispatch(ctx);
+            }
+            return;
+        }
+        let _span = self.span.clone().entered();
+        match limit {
+            Some(limit) => warn!(limit, "over the cluster's pair limit: planning nothing"),
+            None => info!("within the cluster's pair limit again"),
+        }
+        self.cluster_pair_limit = limit;
+        self.replan_all = true;
         self.queue_replan(ctx);
     }
 }

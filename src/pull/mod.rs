@@ -4,6 +4,7 @@
 pub mod dispatch;
 pub mod image;
 pub mod index;
+pub mod limits;
 pub mod namespaces;
 pub mod outcome;
 pub mod plan;

@@ -207,6 +207,10 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
             signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
         let status = StatusActor::default().start();
+        // Before the first HTTP request can ask.
+        if config.leader_election.enabled {
+            status.do_send(SetStandby(true));
+        }
         let metrics = Metrics::default();
         let listen = config.server.listen;
         let server = crate::http::serve(listen, status.clone(), metrics.clone())?;
@@ -218,7 +222,6 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
         // ready: its empty status is not the fleet's.
         let mut leadership = None;
         let gate = if config.leader_election.enabled {
-            status.do_send(SetStandby(true));
             let acquired = tokio::select! {
                 acquired = crate::leader::acquire(&config.leader_election) => acquired?,
                 _ = terminate.recv() => return anyhow::Ok(()),
@@ -238,6 +241,7 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
         };
         let supervisor =
             Supervisor::new(config_path, config, targets, gate.clone(), status, metrics).start();
+        let mut lease_lost = false;
         let outcome = {
             let lost = async {
                 match leadership.as_mut() {
@@ -257,7 +261,10 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
                     // Exiting is the safe answer: two active instances would
                     // fight over the same pods. The restarted process waits as
                     // a standby. The gate is already closed: no write goes out.
-                    _ = &mut lost => break Err(anyhow::anyhow!("lost the leader lease; exiting")),
+                    _ = &mut lost => {
+                        lease_lost = true;
+                        break Err(anyhow::anyhow!("lost the leader lease; exiting"));
+                    }
                 }
             }
         };
@@ -269,8 +276,10 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
         }
         gate.close();
         server_handle.stop(true).await;
-        if let Some(leadership) = leadership {
-            leadership.release().await;
+        match leadership {
+            Some(leadership) if lease_lost => leadership.abandon(),
+            Some(leadership) => leadership.release().await,
+            None => {}
         }
         outcome
     });

@@ -295,6 +295,17 @@ impl Leadership {
         self.gate.close();
     }
 
+    /// After [`Leadership::lost`]: stops every request to the home API
+    /// server without releasing the Lease. Another instance may hold it by
+    /// now (releasing would be a write by a non-holder), and an unreachable
+    /// server would only delay the exit past the moment a standby takes over.
+    pub fn abandon(self) {
+        self.gate.close();
+        self.fence.abort();
+        self.manager.abort();
+        info!("gave up the leader lease without releasing it");
+    }
+
     /// Gives the Lease up so that a standby takes over at once.
     pub async fn release(self) {
         self.gate.close();

@@ -64,7 +64,16 @@ async fn only_the_leader_works_and_a_standby_takes_over() -> Result<()> {
         },
     )
     .await?;
-    assert!(!log_lines_with(&second.log_path, "waiting to become the leader").is_empty());
+    support::wait_for(
+        "the second instance to wait",
+        Duration::from_secs(30),
+        || {
+            let waits =
+                !log_lines_with(&second.log_path, "waiting to become the leader").is_empty();
+            async move { Ok(waits.then_some(())) }
+        },
+    )
+    .await?;
     // A standby is not ready: its empty status is not the fleet's.
     assert_eq!(
         second.get_any("/readyz").await?,
@@ -177,14 +186,9 @@ impl Drop for Proxy {
     }
 }
 
-/// A copy of the sim kubeconfig whose `cluster` goes through `proxy_port`.
-fn kubeconfig_through_proxy(
-    dir: &std::path::Path,
-    cluster: &str,
-    proxy_port: u16,
-) -> Result<(std::path::PathBuf, SocketAddr)> {
+/// The address of `cluster`'s API server in the sim kubeconfig.
+fn api_server_of(cluster: &str) -> Result<SocketAddr> {
     let path = support::kubeconfig_path();
-    let text = std::fs::read_to_string(&path)?;
     let kubeconfig = kube::config::Kubeconfig::read_from(&path)?;
     let server = kubeconfig
         .clusters
@@ -193,16 +197,29 @@ fn kubeconfig_through_proxy(
         .and_then(|named| named.cluster.as_ref())
         .and_then(|c| c.server.clone())
         .with_context(|| format!("no server for {cluster} in {}", path.display()))?;
-    let upstream: SocketAddr = server
+    server
         .trim_start_matches("https://")
         .parse()
-        .with_context(|| format!("server {server} is not https://IP:PORT"))?;
+        .with_context(|| format!("server {server} is not https://IP:PORT"))
+}
+
+/// A copy of the sim kubeconfig in `dir` whose `upstream` is reached
+/// through `proxy_port` (the certificate is for the IP: the port may change).
+fn kubeconfig_through_proxy(
+    dir: &std::path::Path,
+    upstream: SocketAddr,
+    proxy_port: u16,
+) -> Result<std::path::PathBuf> {
+    let text = std::fs::read_to_string(support::kubeconfig_path())?;
     let proxied = dir.join("kubeconfig-proxied");
     std::fs::write(
         &proxied,
-        text.replace(&server, &format!("https://127.0.0.1:{proxy_port}")),
+        text.replace(
+            &format!("https://{upstream}"),
+            &format!("https://127.0.0.1:{proxy_port}"),
+        ),
     )?;
-    Ok((proxied, upstream))
+    Ok(proxied)
 }
 
 /// When a log line was written (the tracing timestamp it starts with).
@@ -223,10 +240,9 @@ async fn a_leader_that_cannot_renew_stops_before_its_lease_expires() -> Result<(
     let dir = tempfile::tempdir()?;
     // Only the first replica's Lease traffic goes through the proxy; its
     // target clusters are reached directly.
-    let (probe, upstream) = kubeconfig_through_proxy(dir.path(), &clusters[0], 1)?;
-    drop(probe);
+    let upstream = api_server_of(&clusters[0])?;
     let proxy = Proxy::start(upstream).await?;
-    let (proxied, _) = kubeconfig_through_proxy(dir.path(), &clusters[0], proxy.port)?;
+    let proxied = kubeconfig_through_proxy(dir.path(), upstream, proxy.port)?;
     let lease_toml = format!(
         "[leader_election]\nenabled = true\nnamespace = \"{}\"\nlease_name = \"kube-prefetch\"\n",
         home.name()
@@ -286,6 +302,12 @@ async fn a_leader_that_cannot_renew_stops_before_its_lease_expires() -> Result<(
         log.lines().last(),
         Some("kube-prefetch: error: lost the leader lease; exiting")
     );
+    let stopped_writing = log
+        .lines()
+        .find(|line| line.contains("no more writes, before another instance may take it"))
+        .and_then(logged_at)
+        .context("the old leader never said it stopped writing")?;
+    assert!(stopped_writing < expires, "{stopped_writing} >= {expires}");
     let last_logged = log
         .lines()
         .filter_map(logged_at)

@@ -253,6 +253,11 @@ helper_image = "{HELPER_IMAGE}"
         ensure(status.success(), || format!("kill -{name} {pid} failed"))
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
     /// Waits up to `timeout` for the process to exit by itself.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;

@@ -923,3 +923,183 @@ async fn prefetches_over_the_cluster_pair_limit_wait_their_turn() -> Result<()> 
     ns.cleanup().await?;
     Ok(())
 }
+
+/// The resident memory of a process, in KiB (Linux).
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Applies an ordinary Prefetch (one image of this run on every worker)
+/// and returns how long it took to be READY.
+async fn ordinary_ready_in(ns: &support::TestNamespace, name: &str, tag: &str) -> Result<Duration> {
+    let started = std::time::Instant::now();
+    apply(
+        &ns.api::<Prefetch>(),
+        prefetch_json(
+            name,
+            json!({ "images": [format!("registry.example/ordinary/{name}:{tag}")], "node_filter": "worker" }),
+        ),
+    )
+    .await?;
+    wait_phase(&ns.client(), ns.name(), name, Phase::Ready, READY_TIMEOUT).await?;
+    Ok(started.elapsed())
+}
+
+/// Acceptance 2 of issue 8: hostile Prefetches in one namespace of one
+/// cluster do not hold up another team's ordinary Prefetch in that cluster
+/// or one in another cluster (each READY within twice its time alone), the
+/// process stays under its Deployment's memory limit, and every hostile
+/// Prefetch shows a clear status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fails today on its timing only: beside the hostile tenant the same cluster's ordinary Prefetch took 7.0-8.2 s vs 1.6-2.4 s alone (node slots shared round robin with the hostile Prefetches); see issue 8"]
+async fn hostile_tenants_do_not_hold_up_the_others() -> Result<()> {
+    use kube::ResourceExt;
+    use kube_prefetch::pull::podspec::{
+        IMAGE_ANNOTATION, MANAGED_BY_LABEL, MANAGED_BY_VALUE, NODE_ANNOTATION, PREFETCH_UID_LABEL,
+        pull_pod_name,
+    };
+    let _serial = setup().await;
+    let clusters = support::cluster_names();
+    let hostile = support::TestNamespace::create(&clusters[0], "hostile").await?;
+    let victim = support::TestNamespace::create(&clusters[0], "victim").await?;
+    let other = support::TestNamespace::create(&clusters[1], "other").await?;
+    let orchestrator = Orchestrator::start("hostile-tenants", Options::default()).await?;
+    let pid = orchestrator.pid().context("kube-prefetch's pid")?;
+
+    // Alone first.
+    let (alone_same, alone_other) = tokio::try_join!(
+        ordinary_ready_in(&victim, "alone", victim.name()),
+        ordinary_ready_in(&other, "alone", other.name()),
+    )?;
+
+    // The hostile tenant.
+    let prefetches = hostile.api::<Prefetch>();
+    let kinds = vec!["Deployment"; 10_000];
+    let refused = prefetches
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(prefetch_json(
+                "repeated-kinds",
+                json!({ "filter_by_labels": { "app": "x" }, "workload_kinds": kinds }),
+            ))?,
+        )
+        .await
+        .err()
+        .context("10,000 repeated workload kinds were accepted")?;
+    assert!(
+        refused
+            .to_string()
+            .contains("Duplicate value: \"Deployment\""),
+        "{refused}"
+    );
+    // 256 of 4,096 characters cannot be stored at all: the list is a set, so
+    // managedFields repeats every value and etcd refuses the 2 MiB object.
+    let invalid: Vec<String> = (0..256)
+        .map(|i| format!("Invalid/{i:03}{}", "X".repeat(1989)))
+        .collect();
+    apply(
+        &prefetches,
+        prefetch_json("invalid-images", json!({ "images": invalid })),
+    )
+    .await?;
+    let wide: Vec<String> = (0..256)
+        .map(|i| format!("registry.example/hostile/wide-{i:03}:{}", hostile.name()))
+        .collect();
+    apply(
+        &prefetches,
+        prefetch_json("every-node", json!({ "images": wide })),
+    )
+    .await?;
+    apply(
+        &prefetches,
+        prefetch_json(
+            "huge-parallel",
+            json!({ "images": [format!("registry.example/hostile/parallel:{}", hostile.name())], "max_parallel": 10000 }),
+        ),
+    )
+    .await?;
+    // A pod in the hostile namespace posing as the victim's pull pod.
+    let target = victim.api::<Prefetch>().get("alone").await?;
+    let uid = target.uid().context("uid")?;
+    let node = workers(&clusters[0])[0].clone();
+    // A pair the victim wants: a pod of it is worth adopting.
+    let image = kube_prefetch::pull::image::normalize(&format!(
+        "registry.example/ordinary/alone:{}",
+        victim.name()
+    ))?;
+    let name = pull_pod_name(&uid, &node, &image);
+    apply(
+        &hostile.api::<k8s_openapi::api::core::v1::Pod>(),
+        json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "labels": { MANAGED_BY_LABEL: MANAGED_BY_VALUE, PREFETCH_UID_LABEL: uid },
+                "annotations": { NODE_ANNOTATION: node, IMAGE_ANNOTATION: image },
+            },
+            "spec": { "nodeName": node, "containers": [{ "name": "pull", "image": image }] },
+        }),
+    )
+    .await?;
+
+    // The others, meanwhile.
+    let (loaded_same, loaded_other) = tokio::try_join!(
+        ordinary_ready_in(&victim, "loaded", victim.name()),
+        ordinary_ready_in(&other, "loaded", other.name()),
+    )?;
+    let rss = rss_kib(pid).context("kube-prefetch's RSS")?;
+    assert!(
+        rss < 512 * 1024,
+        "RSS {rss} KiB, the Deployment's limit is 512 MiB"
+    );
+
+    // Every hostile Prefetch says what is going on.
+    let status = wait_phase(
+        &hostile.client(),
+        hostile.name(),
+        "invalid-images",
+        Phase::Failed,
+        READY_TIMEOUT,
+    )
+    .await?;
+    let message = status.message.unwrap_or_default();
+    assert!(message.starts_with("invalid image reference"), "{message}");
+    assert!(serde_json::to_vec(&message)?.len() < 65536);
+    let wide = prefetch_status(&hostile.client(), hostile.name(), "every-node")
+        .await?
+        .context("a status of every-node")?;
+    assert_eq!(
+        wide.pulls.total as usize,
+        256 * workers(&clusters[0]).len(),
+        "{wide:?}"
+    );
+    let parallel = prefetch_status(&hostile.client(), hostile.name(), "huge-parallel")
+        .await?
+        .context("a status of huge-parallel")?;
+    assert!(parallel.phase.is_some(), "{parallel:?}");
+    assert!(
+        orchestrator
+            .log()
+            .contains(&format!("not adopting a pod labelled as our pull pod: it is in namespace {}, not in {} where we create it", hostile.name(), victim.name())),
+        "no refusal of the posing pod in the log"
+    );
+    // Last, so that the statuses above are checked whatever the timing.
+    assert!(
+        loaded_same <= alone_same * 2 && loaded_other <= alone_other * 2,
+        "same cluster {alone_same:?} alone, {loaded_same:?} beside the hostile tenant; other cluster {alone_other:?} alone, {loaded_other:?}"
+    );
+    drop(orchestrator);
+    hostile.cleanup().await?;
+    victim.cleanup().await?;
+    other.cleanup().await?;
+    Ok(())
+}

@@ -16,6 +16,10 @@ export RUST_BACKTRACE = 0
 export RUST_LIB_BACKTRACE = 0
 
 CARGO ?= cargo
+# The tests build with the test-only fault hook (src/actors/fault_hook.rs,
+# tests/isolation.rs); the release build and the image never do. Every cargo
+# line below uses the same features, so nothing is compiled twice.
+TEST_FEATURES := --features test-hooks
 
 .PHONY: demo lint sim-build sim-up sim-down test
 
@@ -48,13 +52,13 @@ sim-down:
 test:
 	trap 'clusters/sim/down >/dev/null 2>&1 || echo "make test: clusters/sim/down failed" >&2' EXIT; \
 	$(CARGO) fmt --all -- --check; \
-	$(CARGO) clippy --all-targets -- -D warnings; \
+	$(CARGO) clippy --all-targets $(TEST_FEATURES) -- -D warnings; \
 	deploy/lint.sh; \
 	clusters/sim/build --real-nodes; \
 	deploy/install-browser.sh; \
 	clusters/sim/up --clusters $(SIM_CLUSTERS) --nodes $(SIM_NODES); \
-	$(CARGO) test; \
+	$(CARGO) test $(TEST_FEATURES); \
 	clusters/sim/up --clusters $(SIM_CLUSTERS) --nodes $(SIM_NODES) --real-nodes $(SIM_REAL_NODES); \
-	$(CARGO) test --test real_nodes -- --ignored --test-threads 1 --nocapture; \
-	$(CARGO) test --test sim_down -- --ignored --test-threads 1; \
+	$(CARGO) test $(TEST_FEATURES) --test real_nodes -- --ignored --test-threads 1 --nocapture; \
+	$(CARGO) test $(TEST_FEATURES) --test sim_down -- --ignored --test-threads 1; \
 	clusters/sim/check-ports

@@ -181,11 +181,12 @@ impl PrefetchSpec {
     }
 
     /// Where to look for workloads, split into (allowed, refused): other
-    /// namespaces than `own` are refused unless `cross_namespace_allowed`.
+    /// namespaces than `own` are refused unless `allowed` says yes (see
+    /// `crate::pull::namespaces`).
     pub fn workload_namespaces(
         &self,
         own: &str,
-        cross_namespace_allowed: bool,
+        allowed: impl Fn(&str) -> bool,
     ) -> (Vec<String>, Vec<String>) {
         let mut requested = if self.namespaces.is_empty() {
             vec![own.to_string()]
@@ -196,7 +197,7 @@ impl PrefetchSpec {
         requested.dedup();
         requested
             .into_iter()
-            .partition(|namespace| cross_namespace_allowed || namespace == own)
+            .partition(|namespace| namespace == own || allowed(namespace))
     }
 
     pub fn respects_workload_scheduling(&self) -> bool {
@@ -537,16 +538,16 @@ mod tests {
             ..PrefetchSpec::default()
         };
         assert_eq!(
-            spec.workload_namespaces("a", false),
+            spec.workload_namespaces("a", |_| false),
             (vec!["a".to_string()], vec!["b".to_string()])
         );
         assert_eq!(
-            spec.workload_namespaces("a", true),
+            spec.workload_namespaces("a", |_| true),
             (vec!["a".to_string(), "b".to_string()], vec![])
         );
         let own_only = PrefetchSpec::default();
         assert_eq!(
-            own_only.workload_namespaces("x", false),
+            own_only.workload_namespaces("x", |_| false),
             (vec!["x".to_string()], vec![])
         );
     }

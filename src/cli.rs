@@ -14,20 +14,22 @@ use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
 };
 use k8s_openapi::api::batch::v1::{CronJob, Job};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Namespace, Node};
 use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, Resource, ResourceExt};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::actors::cluster::build_client;
-use crate::actors::status::{ClusterHealth, StatusActor, StatusView};
-use crate::actors::supervisor::{Reload, Supervisor};
+use crate::actors::status::{ClusterHealth, STANDBY, SetStandby, StatusActor, StatusView};
+use crate::actors::supervisor::{Reload, StopClusters, Supervisor};
 use crate::api::{Phase, Prefetch, WorkloadKind};
 use crate::config::{self, ClusterTarget, Config};
 use crate::error::{api_status_code, describe_kube_error};
+use crate::leader::WriteGate;
 use crate::metrics::Metrics;
 use crate::pull::explain::{Explanation, VerifiedInput, explain};
 use crate::pull::plan::{ExtraImages, Planner};
+use crate::pull::namespaces::{NamespacePolicy, PREFETCH_FROM_ANNOTATION};
 use crate::pull::targeting::{NodeTargeting, NodeView};
 use crate::pull::workload::{PodTemplated, WorkloadImages};
 
@@ -54,7 +56,7 @@ Exit codes:
   0  every cluster is Connected and no Prefetch is FAILED
   1  the status could not be read (instance not running, bad answer)
   2  bad command line
-  3  some cluster is not Connected (Connecting, Unreachable, Forbidden, CrdMissing)
+  3  some cluster is not Connected (Connecting, Unreachable, Forbidden, CrdMissing, Crashed)
   4  every cluster is Connected, but some Prefetch is FAILED
 With --watch the command runs until interrupted.";
 
@@ -225,6 +227,10 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
             signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
         let status = StatusActor::default().start();
+        // Before the first HTTP request can ask.
+        if config.leader_election.enabled {
+            status.do_send(SetStandby(true));
+        }
         let metrics = Metrics::default();
         let listen = config.server.listen;
         let server = crate::http::serve(listen, status.clone(), metrics.clone())?;
@@ -232,16 +238,30 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
         actix::spawn(server);
         info!(%listen, clusters = targets.len(), "kube-prefetch running");
 
-        // A standby serves its endpoints but touches no cluster.
+        // A standby serves its endpoints but touches no cluster, and is not
+        // ready: its empty status is not the fleet's.
         let mut leadership = None;
-        if config.leader_election.enabled {
-            tokio::select! {
-                acquired = crate::leader::acquire(&config.leader_election) => leadership = Some(acquired?),
+        let gate = if config.leader_election.enabled {
+            let acquired = tokio::select! {
+                acquired = crate::leader::acquire(&config.leader_election) => acquired?,
                 _ = terminate.recv() => return anyhow::Ok(()),
                 _ = tokio::signal::ctrl_c() => return anyhow::Ok(()),
+            };
+            // The gate opens once the Lease is read back as ours.
+            if !acquired.confirmed().await {
+                acquired.release().await;
+                anyhow::bail!("became the leader but could not read the Lease back; exiting");
             }
-        }
-        let supervisor = Supervisor::new(config_path, config, targets, status, metrics).start();
+            status.do_send(SetStandby(false));
+            let gate = acquired.gate();
+            leadership = Some(acquired);
+            gate
+        } else {
+            WriteGate::open()
+        };
+        let supervisor =
+            Supervisor::new(config_path, config, targets, gate.clone(), status, metrics).start();
+        let mut lease_lost = false;
         let outcome = {
             let lost = async {
                 match leadership.as_mut() {
@@ -251,24 +271,35 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
             };
             tokio::pin!(lost);
             loop {
-            tokio::select! {
-                _ = hangup.recv() => {
-                    info!("SIGHUP: reloading the config");
-                    supervisor.do_send(Reload);
+                tokio::select! {
+                    _ = hangup.recv() => {
+                        info!("SIGHUP: reloading the config");
+                        supervisor.do_send(Reload);
+                    }
+                    _ = terminate.recv() => break Ok(()),
+                    _ = tokio::signal::ctrl_c() => break Ok(()),
+                    // Exiting is the safe answer: two active instances would
+                    // fight over the same pods. The restarted process waits as
+                    // a standby. The gate is already closed: no write goes out.
+                    _ = &mut lost => {
+                        lease_lost = true;
+                        break Err(anyhow::anyhow!("lost the leader lease; exiting"));
+                    }
                 }
-                _ = terminate.recv() => break Ok(()),
-                _ = tokio::signal::ctrl_c() => break Ok(()),
-                // Exiting is the safe answer: two active instances would
-                // fight over the same pods. The restarted process waits as
-                // a standby.
-                _ = &mut lost => break Err(anyhow::anyhow!("lost the leader lease; exiting")),
-            }
             }
         };
-        info!("shutting down");
+        // Dispatch stops first, then any write still on its way is refused,
+        // and only then may a standby take over (the Lease is released last).
+        info!("shutting down: stopping every cluster");
+        if let Err(error) = supervisor.send(StopClusters).await {
+            warn!(%error, "could not stop the clusters");
+        }
+        gate.close();
         server_handle.stop(true).await;
-        if let Some(leadership) = leadership {
-            leadership.release().await;
+        match leadership {
+            Some(leadership) if lease_lost => leadership.abandon(),
+            Some(leadership) => leadership.release().await,
+            None => {}
         }
         outcome
     });
@@ -292,6 +323,8 @@ const REQUIRED_ACCESS: &[(&str, &str, &str)] = &[
     ("cache.techsquad.rocks", "prefetches/status", "patch"),
     ("", "nodes", "list"),
     ("", "nodes", "watch"),
+    ("", "namespaces", "list"),
+    ("", "namespaces", "watch"),
     ("", "pods", "list"),
     ("", "pods", "watch"),
     ("", "pods", "create"),
@@ -338,7 +371,7 @@ fn check(config_path: PathBuf) -> anyhow::Result<ExitCode> {
 }
 
 async fn check_cluster(target: &ClusterTarget) -> Result<Vec<String>, Vec<String>> {
-    let client = build_client(target, None)
+    let client = build_client(target, None, WriteGate::open())
         .await
         .map_err(|error| vec![error.to_string()])?;
     let version = tokio::time::timeout(Duration::from_secs(10), client.apiserver_version())
@@ -596,7 +629,7 @@ async fn plan_cluster(
     config: &Config,
     target: &ClusterTarget,
 ) -> anyhow::Result<Vec<PrefetchPlan>> {
-    let client = build_client(target, None).await?;
+    let client = build_client(target, None, WriteGate::open()).await?;
     let nodes: Api<Node> = Api::all(client.clone());
     let nodes: Vec<NodeView> = nodes
         .list(&ListParams::default())
@@ -611,11 +644,23 @@ async fn plan_cluster(
         .list(&ListParams::default())
         .await
         .map_err(|error| anyhow::anyhow!("listing Prefetches: {}", describe_kube_error(&error)))?;
+    // The namespaces' annotations decide cross-namespace use, as in `run`.
+    let mut policy = NamespacePolicy::new(config.policy.cross_namespace);
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let namespaces = namespaces
+        .list(&ListParams::default())
+        .await
+        .map_err(|error| anyhow::anyhow!("listing namespaces: {}", describe_kube_error(&error)))?;
+    for namespace in &namespaces.items {
+        if let Some(from) = namespace.annotations().get(PREFETCH_FROM_ANNOTATION) {
+            policy.set(&namespace.name_any(), Some(from));
+        }
+    }
     let mut plans = Vec::new();
     for prefetch in &prefetches.items {
         let own = prefetch.namespace().unwrap_or_default();
         let spec = &prefetch.spec;
-        let (namespaces, _) = spec.workload_namespaces(&own, config.policy.cross_namespace);
+        let (namespaces, _) = spec.workload_namespaces(&own, |target| policy.allows(&own, target));
         // An invalid label key builds no selector: the Prefetch's own
         // images are still planned, its problem is printed below.
         let (kinds, labels) = match spec.label_selector() {
@@ -836,6 +881,9 @@ impl Cell {
 /// and the message), then one line per cluster that is not Connected, with
 /// its reason.
 pub fn status_table(view: &StatusView, wide: bool, colour: bool) -> String {
+    if view.standby {
+        return format!("{STANDBY}\n");
+    }
     let headers = if wide { WIDE_HEADERS } else { TABLE_HEADERS };
     let mut rows: Vec<Vec<Cell>> = vec![headers.iter().map(|h| Cell::plain(*h)).collect()];
     for cluster in &view.clusters {
@@ -912,6 +960,15 @@ pub fn status_table(view: &StatusView, wide: bool, colour: bool) -> String {
             ClusterHealth::Forbidden { what } => {
                 out.push_str(&format!("{}: {what}\n", cluster.name))
             }
+            ClusterHealth::Crashed { reason } => {
+                out.push_str(&format!("{}: crashed: {reason}\n", cluster.name))
+            }
+            _ if cluster.restarts > 0 => out.push_str(&format!(
+                "{}: restarted {} after a panic; last: {}\n",
+                cluster.name,
+                crate::actors::status::times(cluster.restarts),
+                cluster.last_panic.as_deref().unwrap_or("unknown"),
+            )),
             _ => {}
         }
     }
@@ -971,6 +1028,7 @@ mod tests {
 
     fn sample_view() -> StatusView {
         StatusView {
+            standby: false,
             clusters: vec![
                 ClusterView {
                     name: "sim-1".into(),
@@ -981,6 +1039,8 @@ mod tests {
                         summary("cache", Phase::Ready, [3, 0, 0, 3]),
                         summary("broken", Phase::Failed, [2, 0, 1, 3]),
                     ],
+                    restarts: 0,
+                    last_panic: None,
                 },
                 ClusterView {
                     name: "sim-2".into(),
@@ -988,6 +1048,8 @@ mod tests {
                         reason: "connection refused".into(),
                     },
                     prefetches: Vec::new(),
+                    restarts: 0,
+                    last_panic: None,
                 },
             ],
         }
@@ -1004,6 +1066,39 @@ sim-1    Connected    default/broken  FAILED  3      2      0          1       3
 sim-2    Unreachable  -
 sim-2: connection refused
 "
+        );
+    }
+
+    #[test]
+    fn a_standby_says_so_instead_of_an_empty_table() {
+        let view = StatusView {
+            standby: true,
+            clusters: Vec::new(),
+        };
+        assert_eq!(
+            status_table(&view, false, false),
+            "standby: waiting for the leader lease; the leader serves the status\n"
+        );
+    }
+
+    #[test]
+    fn table_names_crashed_and_restarted_clusters() {
+        let mut view = sample_view();
+        view.clusters[0].restarts = 2;
+        view.clusters[0].last_panic = Some("panicked at src/x.rs:1:2: boom".into());
+        view.clusters[1].health = ClusterHealth::Crashed {
+            reason: "panicked at src/y.rs:3:4: bang; restarting in 1s (panics in a row: 1)".into(),
+        };
+        let table = status_table(&view, false, false);
+        assert!(
+            table.ends_with(
+                "\
+sim-2    Crashed    -
+sim-1: restarted 2 times after a panic; last: panicked at src/x.rs:1:2: boom
+sim-2: crashed: panicked at src/y.rs:3:4: bang; restarting in 1s (panics in a row: 1)
+"
+            ),
+            "{table}"
         );
     }
 
@@ -1044,6 +1139,7 @@ sim-2: connection refused
     fn json_output_is_the_served_document_on_one_line() {
         let body = r#"{"clusters":[]}"#;
         let view = StatusView {
+            standby: false,
             clusters: Vec::new(),
         };
         assert_eq!(

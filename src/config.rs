@@ -73,6 +73,10 @@ pub mod bounds {
     pub const MAX_PARALLEL_PER_NODE: RangeInclusive<u64> = 1..=100;
     pub const MAX_PARALLEL_PER_PREFETCH: RangeInclusive<u64> = 1..=10_000;
     pub const MAX_PARALLEL_PER_CLUSTER: RangeInclusive<u64> = 1..=10_000;
+    /// A pair costs about a kilobyte while planned and tracked: a million
+    /// is a gigabyte, over the Deployment's memory limit.
+    pub const MAX_PAIRS_PER_PREFETCH: RangeInclusive<u64> = 1..=1_000_000;
+    pub const MAX_PAIRS_PER_CLUSTER: RangeInclusive<u64> = 1..=5_000_000;
     /// Below 0.1 a request waits more than 10 s for its turn.
     pub const API_QPS: RangeInclusive<f64> = 0.1..=10_000.0;
     pub const STATUS_DEBOUNCE: RangeInclusive<Duration> = seconds(0)..=seconds(MINUTE);
@@ -132,6 +136,12 @@ pub struct Defaults {
     pub max_parallel_per_prefetch: usize,
     /// In-flight pull pods per cluster.
     pub max_parallel_per_cluster: usize,
+    /// (node, image) pairs one `Prefetch` may plan; over it, it is FAILED
+    /// and plans nothing.
+    pub max_pairs_per_prefetch: usize,
+    /// (node, image) pairs all `Prefetch`es of one cluster may plan
+    /// together; the newest that would pass it is FAILED.
+    pub max_pairs_per_cluster: usize,
     /// Client-side request rate to each API server, in requests per second.
     pub api_qps: f64,
     /// Status writes of one `Prefetch` are coalesced over this window.
@@ -147,6 +157,8 @@ impl Default for Defaults {
             max_parallel_per_node: 1,
             max_parallel_per_prefetch: 10,
             max_parallel_per_cluster: 50,
+            max_pairs_per_prefetch: 50_000,
+            max_pairs_per_cluster: 200_000,
             api_qps: 20.0,
             status_debounce: Duration::from_secs(1),
         }
@@ -624,6 +636,8 @@ pub const SETTINGS: &[(&str, &[&str])] = &[
             "max_parallel_per_node",
             "max_parallel_per_prefetch",
             "max_parallel_per_cluster",
+            "max_pairs_per_prefetch",
+            "max_pairs_per_cluster",
             "api_qps",
             "status_debounce",
         ],
@@ -1247,6 +1261,16 @@ fn validate_with(
             d.max_parallel_per_cluster as u64,
             MAX_PARALLEL_PER_CLUSTER,
         )?),
+        max_pairs_per_prefetch: count(read.whole(
+            "defaults.max_pairs_per_prefetch",
+            d.max_pairs_per_prefetch as u64,
+            MAX_PAIRS_PER_PREFETCH,
+        )?),
+        max_pairs_per_cluster: count(read.whole(
+            "defaults.max_pairs_per_cluster",
+            d.max_pairs_per_cluster as u64,
+            MAX_PAIRS_PER_CLUSTER,
+        )?),
         api_qps: read.number(
             "defaults.api_qps",
             d.api_qps,
@@ -1677,6 +1701,8 @@ lease_name = "prefetch"
                 max_parallel_per_node: 2,
                 max_parallel_per_prefetch: 5,
                 max_parallel_per_cluster: 20,
+                max_pairs_per_prefetch: 50_000,
+                max_pairs_per_cluster: 200_000,
                 api_qps: 7.5,
                 status_debounce: Duration::from_millis(250),
             },
@@ -1815,7 +1841,7 @@ lease_name = "prefetch"
         }
         assert_eq!(
             error.to_string(),
-            "config/x.toml:7:1: unknown key \"retry_afterr\" in [defaults]; its keys are retry_after, pull_timeout, max_parallel_per_node, max_parallel_per_prefetch, max_parallel_per_cluster, api_qps, status_debounce"
+            "config/x.toml:7:1: unknown key \"retry_afterr\" in [defaults]; its keys are retry_after, pull_timeout, max_parallel_per_node, max_parallel_per_prefetch, max_parallel_per_cluster, max_pairs_per_prefetch, max_pairs_per_cluster, api_qps, status_debounce"
         );
     }
 
@@ -2739,6 +2765,8 @@ lease_name = "prefetch"
             prop_assert!(MAX_PARALLEL_PER_NODE.contains(&(d.max_parallel_per_node as u64)));
             prop_assert!(MAX_PARALLEL_PER_PREFETCH.contains(&(d.max_parallel_per_prefetch as u64)));
             prop_assert!(MAX_PARALLEL_PER_CLUSTER.contains(&(d.max_parallel_per_cluster as u64)));
+            prop_assert!(MAX_PAIRS_PER_PREFETCH.contains(&(d.max_pairs_per_prefetch as u64)));
+            prop_assert!(MAX_PAIRS_PER_CLUSTER.contains(&(d.max_pairs_per_cluster as u64)));
             prop_assert!(API_QPS.contains(&d.api_qps));
             prop_assert!(STATUS_DEBOUNCE.contains(&d.status_debounce));
             let b = &config.backoff;

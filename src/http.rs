@@ -10,7 +10,7 @@ use actix_web::{App, HttpResponse, HttpServer, dev::Server, get, web};
 
 use tracing::warn;
 
-use crate::actors::status::{GetStatus, StatusActor, StatusView};
+use crate::actors::status::{GetStatus, STANDBY, StatusActor, StatusView};
 use crate::metrics::Metrics;
 
 #[derive(Clone)]
@@ -66,9 +66,22 @@ async fn status_json(state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
+/// Liveness: "ok", then a line per cluster that crashed (now or before).
+/// A crashed cluster does not fail it: the supervisor restarts that
+/// cluster, and restarting the process would stop the others too.
 #[get("/healthz")]
-async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().body("ok\n")
+async fn healthz(state: web::Data<AppState>) -> HttpResponse {
+    match snapshot(&state).await {
+        Ok(view) => {
+            let mut body = String::from("ok\n");
+            for line in view.health_details() {
+                body.push_str(&line);
+                body.push('\n');
+            }
+            HttpResponse::Ok().body(body)
+        }
+        Err(response) => response,
+    }
 }
 
 /// Ready once every configured cluster has been tried at least once; an
@@ -77,6 +90,7 @@ async fn healthz() -> HttpResponse {
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     match snapshot(&state).await {
         Ok(view) if view.all_clusters_reported() => HttpResponse::Ok().body("ready\n"),
+        Ok(view) if view.standby => HttpResponse::ServiceUnavailable().body(format!("{STANDBY}\n")),
         Ok(_) => HttpResponse::ServiceUnavailable().body("connecting to clusters\n"),
         Err(response) => response,
     }

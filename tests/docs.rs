@@ -295,6 +295,7 @@ fn every_registered_metric_is_documented_with_its_type_and_labels() {
     metrics.pull_finished("sim-1", "succeeded");
     metrics.status_written("sim-1");
     let view = StatusView {
+        standby: false,
         clusters: vec![ClusterView {
             name: "sim-1".into(),
             health: ClusterHealth::Connected {
@@ -316,6 +317,8 @@ fn every_registered_metric_is_documented_with_its_type_and_labels() {
                 message: None,
                 failures: Vec::new(),
             }],
+            restarts: 0,
+            last_panic: None,
         }],
     };
     let text = metrics.render(&view).expect("metrics render");
@@ -485,6 +488,9 @@ fn cluster_state_labels() -> Vec<&'static str> {
         ClusterHealth::CrdMissing {
             reason: String::new(),
         },
+        ClusterHealth::Crashed {
+            reason: String::new(),
+        },
     ];
     all.iter()
         .filter(|health| match health {
@@ -492,7 +498,8 @@ fn cluster_state_labels() -> Vec<&'static str> {
             ClusterHealth::Connecting
             | ClusterHealth::Unreachable { .. }
             | ClusterHealth::Forbidden { .. }
-            | ClusterHealth::CrdMissing { .. } => true,
+            | ClusterHealth::CrdMissing { .. }
+            | ClusterHealth::Crashed { .. } => true,
         })
         .map(ClusterHealth::label)
         .collect()

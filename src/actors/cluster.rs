@@ -12,31 +12,35 @@ use actix::prelude::*;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{Api, ListParams};
 use kube::client::ClientBuilder;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
+use tower::filter::FilterLayer;
 use tower::limit::RateLimitLayer;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::actors::delete_pull_pod_until_gone;
 use crate::actors::prefetch::{
-    NodeChanged, PodChanged, PodDeleted, PrefetchActor, Shutdown, SlotsGranted, SpecChanged,
-    Workloads, WorkloadsChanged,
+    ClusterPairLimit, NodeChanged, PodChanged, PodDeleted, PrefetchActor, Shutdown, SlotsGranted,
+    SpecChanged, Workloads, WorkloadsChanged,
 };
 use crate::actors::status::{ClusterHealth, ClusterHealthChanged, StatusActor};
 use crate::api::{Prefetch, PrefetchSpec, WorkloadKind};
 use crate::config::{ClusterTarget, Config};
 use crate::error::{Error, api_status_code, describe_kube_error, describe_watch_error};
+use crate::leader::WriteGate;
 use crate::metrics::Metrics;
 use crate::pull::dispatch::DispatchQueue;
 use crate::pull::index::{
     NodeIndex, WorkloadChange, WorkloadEntry, WorkloadIndex, WorkloadKey, WorkloadSelector,
     targeting_of,
 };
+use crate::pull::limits::{self, Claim};
+use crate::pull::namespaces::{NamespacePolicy, PREFETCH_FROM_ANNOTATION};
 use crate::pull::plan::PairKey;
 use crate::pull::podspec::{PREFETCH_UID_LABEL, managed_selector};
 use crate::pull::targeting::{NodeTargeting, NodeView};
@@ -92,6 +96,8 @@ struct KindWatch {
 pub struct ClusterActor {
     target: ClusterTarget,
     config: Arc<Config>,
+    /// Every write of this cluster's client passes it (leader election).
+    gate: WriteGate,
     status: Addr<StatusActor>,
     metrics: Metrics,
     span: tracing::Span,
@@ -107,6 +113,15 @@ pub struct ClusterActor {
     pods: BTreeMap<(String, String), Pod>,
     pods_buffer: Option<BTreeMap<(String, String), Pod>>,
     pods_synced: bool,
+    /// Who may use which namespace besides their own (the namespaces'
+    /// annotations over `policy.cross_namespace`).
+    namespace_policy: NamespacePolicy,
+    namespaces_buffer: Option<BTreeMap<String, String>>,
+    namespaces_synced: bool,
+    /// Pairs each Prefetch would plan, and those the cluster's pair limit
+    /// refuses.
+    pair_claims: BTreeMap<String, usize>,
+    pairs_refused: BTreeSet<String>,
     /// The pull pod slots, handed out round robin across Prefetches.
     queue: DispatchQueue,
     background: Vec<tokio::task::JoinHandle<()>>,
@@ -118,13 +133,16 @@ impl ClusterActor {
     pub fn new(
         target: ClusterTarget,
         config: Arc<Config>,
+        gate: WriteGate,
         status: Addr<StatusActor>,
         metrics: Metrics,
     ) -> Self {
         let span = info_span!("cluster", cluster = %target.name);
+        let namespace_policy = NamespacePolicy::new(config.policy.cross_namespace);
         ClusterActor {
             target,
             config,
+            gate,
             status,
             metrics,
             span,
@@ -140,6 +158,11 @@ impl ClusterActor {
             pods: BTreeMap::new(),
             pods_buffer: None,
             pods_synced: false,
+            namespace_policy,
+            namespaces_buffer: None,
+            namespaces_synced: false,
+            pair_claims: BTreeMap::new(),
+            pairs_refused: BTreeSet::new(),
             queue: DispatchQueue::new(0, 0),
             background: Vec::new(),
             last_health: None,
@@ -165,7 +188,9 @@ impl ClusterActor {
     fn connect(&mut self, ctx: &mut Context<Self>) {
         let target = self.target.clone();
         let api_qps = self.config.defaults.api_qps;
-        let fut = async move { connect(&target, api_qps).await }.instrument(self.span.clone());
+        let gate = self.gate.clone();
+        let fut =
+            async move { connect(&target, api_qps, gate).await }.instrument(self.span.clone());
         ctx.spawn(fut.into_actor(self).map(|result, actor, ctx| {
             let _span = actor.span.clone().entered();
             match result {
@@ -231,6 +256,14 @@ impl ClusterActor {
             addr.clone(),
             NodeEvent,
         );
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        self.spawn_watch(
+            namespaces,
+            watcher::Config::default(),
+            "namespaces",
+            addr.clone(),
+            NamespaceEvent,
+        );
         let pods: Api<Pod> = Api::all(client);
         self.spawn_watch(
             pods,
@@ -279,7 +312,7 @@ impl ClusterActor {
         WorkloadSelector::for_spec(
             &prefetch.spec,
             &prefetch.namespace().unwrap_or_default(),
-            self.config.policy.cross_namespace,
+            &self.namespace_policy,
         )
     }
 
@@ -354,10 +387,10 @@ impl ClusterActor {
                 let error = watch.error.as_ref()?;
                 Some(format!("cannot watch {kind}s: {error}"))
             })
-            .collect();
+            .collect::<Vec<String>>();
         Workloads {
             entries: self.workloads.select(selector),
-            errors,
+            errors: selector.refusal.iter().cloned().chain(errors).collect(),
         }
     }
 
@@ -373,7 +406,7 @@ impl ClusterActor {
     /// it plans from has been listed. Nothing is sent while the spec is
     /// unchanged (our own status writes come back as Prefetch events).
     fn deliver(&mut self, uid: &str) {
-        if !(self.nodes.is_synced() && self.pods_synced) {
+        if !(self.nodes.is_synced() && self.pods_synced && self.namespaces_synced) {
             return;
         }
         let Some(shared) = self.shared.clone() else {
@@ -382,14 +415,13 @@ impl ClusterActor {
         let Some(entry) = self.prefetches.get(uid) else {
             return;
         };
-        if entry
-            .delivered
-            .as_ref()
-            .is_some_and(|delivered| delivered.spec == entry.latest.spec)
-        {
+        // The selection also changes when a namespace's annotation does.
+        let selector = self.selector_of(&entry.latest);
+        if entry.delivered.as_ref().is_some_and(|delivered| {
+            delivered.spec == entry.latest.spec && delivered.selector == selector
+        }) {
             return;
         }
-        let selector = self.selector_of(&entry.latest);
         if !self.workloads_settled(&selector) {
             // Planning now would drop every pair of the kinds not listed yet.
             return;
@@ -466,7 +498,46 @@ impl ClusterActor {
         self.deliver(&uid);
     }
 
+    /// Tells the Prefetches whose standing under the cluster's pair limit
+    /// changed (oldest first keep theirs, see `pull::limits`).
+    fn apply_pair_limit(&mut self) {
+        let limit = self.config.defaults.max_pairs_per_cluster;
+        let claims: Vec<Claim> = self
+            .pair_claims
+            .iter()
+            .filter_map(|(uid, pairs)| {
+                let entry = self.prefetches.get(uid)?;
+                Some(Claim {
+                    created: entry
+                        .latest
+                        .metadata
+                        .creation_timestamp
+                        .as_ref()
+                        .map(|time| time.0.to_string())
+                        .unwrap_or_default(),
+                    uid: uid.clone(),
+                    pairs: *pairs,
+                })
+            })
+            .collect();
+        let refused = limits::refused(&claims, limit);
+        for uid in refused.symmetric_difference(&self.pairs_refused) {
+            if let Some(PrefetchEntry {
+                addr: Some(addr), ..
+            }) = self.prefetches.get(uid)
+            {
+                addr.do_send(ClusterPairLimit(refused.contains(uid).then_some(limit)));
+            }
+        }
+        self.pairs_refused = refused;
+    }
+
     fn stop_prefetch(&mut self, uid: &str, ctx: &mut Context<Self>) {
+        // Its claim goes; the others may fit now.
+        self.pairs_refused.remove(uid);
+        if self.pair_claims.remove(uid).is_some() {
+            self.apply_pair_limit();
+        }
         if let Some(entry) = self.prefetches.remove(uid) {
             // Its slots go to the others at once; its pods are deleted by
             // its actor (or, if that fails, by the orphan sweep).
@@ -677,13 +748,16 @@ pub struct WorkloadEvent {
     pub update: WorkloadUpdate,
 }
 
-async fn connect(target: &ClusterTarget, api_qps: f64) -> Result<(Client, String), ClusterHealth> {
-    let client =
-        build_client(target, Some(api_qps))
-            .await
-            .map_err(|error| ClusterHealth::Unreachable {
-                reason: error.to_string(),
-            })?;
+async fn connect(
+    target: &ClusterTarget,
+    api_qps: f64,
+    gate: WriteGate,
+) -> Result<(Client, String), ClusterHealth> {
+    let client = build_client(target, Some(api_qps), gate)
+        .await
+        .map_err(|error| ClusterHealth::Unreachable {
+            reason: error.to_string(),
+        })?;
     let version = client
         .apiserver_version()
         .await
@@ -712,9 +786,14 @@ async fn connect(target: &ClusterTarget, api_qps: f64) -> Result<(Client, String
 }
 
 /// Builds a client for one kubeconfig context, limited to `api_qps`
-/// requests per second when given. Must run on the Arbiter that will use the
-/// client: its connection pool lives on that runtime.
-pub async fn build_client(target: &ClusterTarget, api_qps: Option<f64>) -> Result<Client, Error> {
+/// requests per second when given, whose writes pass `gate` (one place for
+/// every write, whoever makes it). Must run on the Arbiter that will use
+/// the client: its connection pool lives on that runtime.
+pub async fn build_client(
+    target: &ClusterTarget,
+    api_qps: Option<f64>,
+    gate: WriteGate,
+) -> Result<Client, Error> {
     let kubeconfig =
         Kubeconfig::read_from(&target.kubeconfig).map_err(|source| Error::ReadKubeconfig {
             cluster: target.name.clone(),
@@ -737,12 +816,15 @@ pub async fn build_client(target: &ClusterTarget, api_qps: Option<f64>) -> Resul
         cluster: target.name.clone(),
         source,
     })?;
+    // Outside the rate limit: a refused write takes no request slot.
+    let gate = FilterLayer::new(move |request| gate.check(request));
     Ok(match api_qps.and_then(request_rate) {
         // Counts request starts; a long-running watch holds no slot.
         Some(rate) => builder
             .with_layer(&RateLimitLayer::new(rate.0, rate.1))
+            .with_layer(&gate)
             .build(),
-        None => builder.build(),
+        None => builder.with_layer(&gate).build(),
     })
 }
 
@@ -788,6 +870,8 @@ impl Actor for ClusterActor {
     fn started(&mut self, ctx: &mut Self::Context) {
         let _span = self.span.clone().entered();
         info!(context = %self.target.context, kubeconfig = %self.target.kubeconfig.display(), "starting");
+        #[cfg(feature = "test-hooks")]
+        crate::actors::fault_hook::arm(ctx, &self.target.name);
         self.connect(ctx);
     }
 
@@ -815,6 +899,65 @@ pub struct PodEvent(pub watcher::Event<Pod>);
 
 #[derive(Message)]
 #[rtype(result = "()")]
+pub struct NamespaceEvent(pub watcher::Event<Namespace>);
+
+/// A namespace's name and its [`PREFETCH_FROM_ANNOTATION`], if any.
+fn prefetch_from(namespace: &Namespace) -> (String, Option<String>) {
+    (
+        namespace.name_any(),
+        namespace
+            .annotations()
+            .get(PREFETCH_FROM_ANNOTATION)
+            .cloned(),
+    )
+}
+
+impl Handler<NamespaceEvent> for ClusterActor {
+    type Result = ();
+    fn handle(&mut self, NamespaceEvent(event): NamespaceEvent, _: &mut Self::Context) {
+        let _span = self.span.clone().entered();
+        self.mark_healthy();
+        let changed = match event {
+            watcher::Event::Init => {
+                self.namespaces_buffer = Some(BTreeMap::new());
+                false
+            }
+            watcher::Event::InitApply(namespace) => {
+                if let (name, Some(annotation)) = prefetch_from(&namespace) {
+                    self.namespaces_buffer
+                        .get_or_insert_with(BTreeMap::new)
+                        .insert(name, annotation);
+                }
+                false
+            }
+            watcher::Event::InitDone => {
+                let listed = self.namespaces_buffer.take().unwrap_or_default();
+                let changed = self.namespace_policy.replace_all(
+                    listed
+                        .iter()
+                        .map(|(name, value)| (name.as_str(), value.as_str())),
+                );
+                let first = !self.namespaces_synced;
+                self.namespaces_synced = true;
+                changed || first
+            }
+            watcher::Event::Apply(namespace) => {
+                let (name, annotation) = prefetch_from(&namespace);
+                self.namespace_policy.set(&name, annotation.as_deref())
+            }
+            watcher::Event::Delete(namespace) => {
+                self.namespace_policy.set(&namespace.name_any(), None)
+            }
+        };
+        if changed && self.namespaces_synced {
+            debug!("namespace annotations changed; re-selecting");
+            self.deliver_all();
+        }
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
 pub struct WatchFailed {
     pub what: &'static str,
     pub error: String,
@@ -839,6 +982,43 @@ pub struct RequestSlots {
 pub struct ReleaseSlot {
     pub uid: String,
     pub node: String,
+}
+
+/// How many (node, image) pairs a Prefetch would plan (for the cluster's
+/// pair limit).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PairsPlanned {
+    pub uid: String,
+    pub pairs: usize,
+}
+
+impl Handler<PairsPlanned> for ClusterActor {
+    type Result = ();
+    fn handle(&mut self, msg: PairsPlanned, _: &mut Self::Context) {
+        if !self.prefetches.contains_key(&msg.uid) {
+            return;
+        }
+        let first = self
+            .pair_claims
+            .insert(msg.uid.clone(), msg.pairs)
+            .is_none();
+        let before = self.pairs_refused.contains(&msg.uid);
+        self.apply_pair_limit();
+        // Its first claim always gets an answer (it dispatches nothing
+        // until then); later ones only when the answer changes.
+        if first
+            && before == self.pairs_refused.contains(&msg.uid)
+            && let Some(PrefetchEntry {
+                addr: Some(addr), ..
+            }) = self.prefetches.get(&msg.uid)
+        {
+            let limit = self.config.defaults.max_pairs_per_cluster;
+            addr.do_send(ClusterPairLimit(
+                self.pairs_refused.contains(&msg.uid).then_some(limit),
+            ));
+        }
+    }
 }
 
 /// A Prefetch took over a pod found after a restart: it holds a slot.

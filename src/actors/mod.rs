@@ -5,6 +5,8 @@
 //! (one per Prefetch); everyone reports to the StatusActor.
 
 pub mod cluster;
+#[cfg(feature = "test-hooks")]
+pub mod fault_hook;
 pub mod prefetch;
 pub mod status;
 pub mod supervisor;

@@ -18,7 +18,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::actors::cluster::{AdoptSlot, ClusterContext, ReleaseSlot, RequestSlots};
+use crate::actors::cluster::{AdoptSlot, ClusterContext, PairsPlanned, ReleaseSlot, RequestSlots};
 use crate::actors::status::{PrefetchGone, PrefetchReported, PrefetchSummary};
 use crate::actors::{delete_pull_pod, delete_pull_pod_until_gone};
 use crate::api::{
@@ -26,9 +26,11 @@ use crate::api::{
 };
 use crate::error::{api_status_code, describe_kube_error};
 use crate::pull::index::{NodeChange, WorkloadEntry, targeting_of};
+use crate::pull::limits;
 use crate::pull::outcome::classify;
-use crate::pull::plan::{DesiredSet, ExtraImages, PairKey, Planner};
-use crate::pull::podspec::{PullPodParams, build_pull_pod, pair_of_pod};
+use crate::pull::plan::{DesiredSet, ExtraImages, PairKey, Planner, TooManyPairs};
+use crate::pull::podspec::{PullPodParams, build_pull_pod, check_own_pull_pod, pair_of_pod};
+use crate::pull::status_size::{MAX_STATUS_BYTES, bound_status};
 use crate::pull::targeting::NodeView;
 use crate::pull::tracker::{BackoffPolicy, Outcome, Tracker};
 use crate::pull::verified;
@@ -55,7 +57,15 @@ pub struct PrefetchActor {
     dirty_nodes: BTreeSet<String>,
     /// The planner changed (spec or workloads): every node is re-planned.
     replan_all: bool,
-    refused_namespaces: Vec<String>,
+    /// Over `defaults.max_pairs_per_prefetch`: nothing is planned.
+    too_many_pairs: Option<TooManyPairs>,
+    /// Refused by the cluster's pair limit (this limit): nothing is planned.
+    cluster_pair_limit: Option<usize>,
+    /// The pairs this Prefetch would plan, as told to the cluster actor.
+    claimed_pairs: usize,
+    reported_pairs: Option<usize>,
+    /// Whether the cluster answered a claim yet.
+    pair_verdict: bool,
     /// Uids of pods we judged and asked to delete; their later events are
     /// noise, even once a new attempt reuses the name.
     judged: BTreeSet<String>,
@@ -126,7 +136,11 @@ impl PrefetchActor {
             planner: Planner::new([], &ExtraImages::default(), Default::default(), true, false),
             dirty_nodes: BTreeSet::new(),
             replan_all: true,
-            refused_namespaces: Vec::new(),
+            too_many_pairs: None,
+            cluster_pair_limit: None,
+            claimed_pairs: 0,
+            reported_pairs: None,
+            pair_verdict: false,
             judged: BTreeSet::new(),
             judged_names: BTreeSet::new(),
             pending_pods: existing_pods,
@@ -194,9 +208,6 @@ impl PrefetchActor {
 
     fn set_workloads(&mut self, workloads: Workloads) {
         let spec = &self.prefetch.spec;
-        let (_, refused) =
-            spec.workload_namespaces(&self.namespace(), self.shared.config.policy.cross_namespace);
-        self.refused_namespaces = refused;
         let extra = ExtraImages {
             images: spec.images.clone(),
             namespace: self.namespace(),
@@ -234,17 +245,13 @@ impl PrefetchActor {
         let _span = self.span.clone().entered();
         let now = Instant::now();
         let mut changed = wakeup || !self.planned || !self.pending_pods.is_empty();
-        if std::mem::take(&mut self.replan_all) {
-            changed = true;
-            self.dirty_nodes.clear();
-            self.desired = self.planner.plan(self.nodes.values().map(|node| &**node));
-            self.tracker.set_desired(&self.desired);
-            let keys: Vec<PairKey> = self.desired.pairs.keys().cloned().collect();
-            for key in &keys {
-                self.check_node_report(key, now);
-            }
-            self.restore_verified(now);
-        } else {
+        let limit = self.shared.config.defaults.max_pairs_per_prefetch;
+        // Over the limit, any node change may bring it back under: the
+        // whole plan is redone, which stops at the limit anyway.
+        let refused = self.too_many_pairs.is_some() || self.cluster_pair_limit.is_some();
+        let mut full =
+            std::mem::take(&mut self.replan_all) || (refused && !self.dirty_nodes.is_empty());
+        if !full {
             for name in std::mem::take(&mut self.dirty_nodes) {
                 let plan = self
                     .nodes
@@ -259,6 +266,41 @@ impl PrefetchActor {
                     changed |= self.check_node_report(key, now);
                 }
             }
+            // Crossed the limit node by node.
+            full = self.desired.pairs.len() > limit;
+            self.claimed_pairs = self.desired.pairs.len();
+        }
+        if full {
+            changed = true;
+            self.dirty_nodes.clear();
+            let (mut desired, too_many) = self
+                .planner
+                .plan_within(self.nodes.values().map(|node| &**node), limit);
+            if too_many.is_some() && self.too_many_pairs.is_none() {
+                warn!(limit, "over the pair limit: planning nothing");
+            }
+            self.too_many_pairs = too_many;
+            // Counted before dropping them: the cluster needs the claim to
+            // decide again when others change.
+            self.claimed_pairs = desired.pairs.len();
+            if self.cluster_pair_limit.is_some() {
+                desired.pairs.clear();
+                desired.nodes.clear();
+            }
+            self.desired = desired;
+            self.tracker.set_desired(&self.desired);
+            let keys: Vec<PairKey> = self.desired.pairs.keys().cloned().collect();
+            for key in &keys {
+                self.check_node_report(key, now);
+            }
+            self.restore_verified(now);
+        }
+        if self.reported_pairs != Some(self.claimed_pairs) {
+            self.reported_pairs = Some(self.claimed_pairs);
+            self.shared.cluster_actor.do_send(PairsPlanned {
+                uid: self.uid.clone(),
+                pairs: self.claimed_pairs,
+            });
         }
         if !changed {
             return;
@@ -332,15 +374,18 @@ impl PrefetchActor {
     /// start now; the queue answers with [`SlotsGranted`] when slots are
     /// free, fairly across Prefetches.
     fn dispatch(&mut self, ctx: &mut Context<Self>) {
-        let candidates = if self.shutting_down || self.prefetch.spec.is_suspended() {
-            Vec::new()
-        } else {
-            let mut due = self.tracker.due(Instant::now(), self.retry_after());
-            // The queue needs a choice of nodes, not every due pair: due()
-            // spreads them over nodes, so the first ones span many.
-            due.truncate(MAX_CANDIDATES.max(self.max_in_flight().saturating_mul(4)));
-            due
-        };
+        // Nothing starts before the cluster's pair limit has answered the
+        // first claim: a Prefetch it refuses must not cost a pod first.
+        let candidates =
+            if self.shutting_down || self.prefetch.spec.is_suspended() || !self.pair_verdict {
+                Vec::new()
+            } else {
+                let mut due = self.tracker.due(Instant::now(), self.retry_after());
+                // The queue needs a choice of nodes, not every due pair: due()
+                // spreads them over nodes, so the first ones span many.
+                due.truncate(MAX_CANDIDATES.max(self.max_in_flight().saturating_mul(4)));
+                due
+            };
         // Nothing asked and nothing to ask: spare the message.
         if !candidates.is_empty() || self.requested {
             self.requested = !candidates.is_empty();
@@ -614,6 +659,18 @@ impl PrefetchActor {
         {
             return;
         }
+        // Labels are anyone's to set: only the pod we would create counts.
+        let wanted_in = self
+            .desired
+            .pairs
+            .contains_key(&key)
+            .then(|| self.pod_namespace_of(&key));
+        if let Err(why) = check_own_pull_pod(&pod, &self.uid, &key, wanted_in.as_deref()) {
+            warn!(pod = %format!("{namespace}/{pod_name}"), "not adopting a pod labelled as our pull pod: {why}");
+            // Once per pod: its later events need no second look.
+            self.judged.insert(pod_uid);
+            return;
+        }
         let tracked = self.tracker.is_current_pod(&key, &pod_name, &pod_uid);
         if tracked {
             self.tracker.bind_uid(&key, &pod_name, &pod_uid);
@@ -723,12 +780,13 @@ impl PrefetchActor {
         let spec = &self.prefetch.spec;
         let mut messages = Vec::new();
         let mut phase = self.tracker.phase();
-        if !self.refused_namespaces.is_empty() {
+        if let Some(too_many) = &self.too_many_pairs {
             phase = Phase::Failed;
-            messages.push(format!(
-                "namespaces {} refused: cross-namespace prefetching is disabled by policy (policy.cross_namespace = false)",
-                self.refused_namespaces.join(", ")
-            ));
+            messages.push(too_many.to_string());
+        }
+        if let Some(limit) = self.cluster_pair_limit {
+            phase = Phase::Failed;
+            messages.push(limits::refusal(self.claimed_pairs, limit));
         }
         let problems = spec.spec_problems();
         if !problems.is_empty() {
@@ -784,7 +842,7 @@ impl PrefetchActor {
             }
             _ => Timestamp::now().to_string(),
         };
-        PrefetchStatus {
+        let status = PrefetchStatus {
             phase: Some(phase),
             observed_generation: self.prefetch.metadata.generation,
             images: self.desired.images.iter().cloned().collect(),
@@ -811,7 +869,10 @@ impl PrefetchActor {
             last_sync_time: Some(Timestamp::now().to_string()),
             message,
             verified: self.verified_record(),
-        }
+        };
+        // The API server refuses a status over its limits: it would then
+        // never be written.
+        bound_status(status, MAX_STATUS_BYTES)
     }
 
     /// The record of verified pairs for the status. One whose digests did
@@ -1031,6 +1092,33 @@ impl Actor for PrefetchActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        self.queue_replan(ctx);
+    }
+}
+
+/// The cluster's pair limit refuses this Prefetch (`Some(limit)`), or no
+/// longer does.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ClusterPairLimit(pub Option<usize>);
+
+impl Handler<ClusterPairLimit> for PrefetchActor {
+    type Result = ();
+    fn handle(&mut self, ClusterPairLimit(limit): ClusterPairLimit, ctx: &mut Self::Context) {
+        let first = !std::mem::replace(&mut self.pair_verdict, true);
+        if self.cluster_pair_limit == limit {
+            if first {
+                self.dispatch(ctx);
+            }
+            return;
+        }
+        let _span = self.span.clone().entered();
+        match limit {
+            Some(limit) => warn!(limit, "over the cluster's pair limit: planning nothing"),
+            None => info!("within the cluster's pair limit again"),
+        }
+        self.cluster_pair_limit = limit;
+        self.replan_all = true;
         self.queue_replan(ctx);
     }
 }

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::api::{PrefetchSpec, WorkloadKind};
+use crate::pull::namespaces::NamespacePolicy;
 use crate::pull::targeting::{NodeTargeting, NodeView};
 use crate::pull::workload::WorkloadImages;
 
@@ -197,21 +198,29 @@ pub struct WorkloadSelector {
     /// Every pair must be among the workload's labels; an empty selector
     /// selects nothing (the original operator's `filter_by_labels`).
     pub labels: BTreeMap<String, String>,
+    /// Why namespaces the Prefetch lists are refused (its status says so).
+    pub refusal: Option<String>,
 }
 
 impl WorkloadSelector {
     /// What `spec` of a Prefetch in `own_namespace` selects; namespaces the
     /// policy refuses are left out (the Prefetch reports them).
-    pub fn for_spec(spec: &PrefetchSpec, own_namespace: &str, cross_namespace: bool) -> Self {
-        let (namespaces, _refused) = spec.workload_namespaces(own_namespace, cross_namespace);
+    pub fn for_spec(spec: &PrefetchSpec, own_namespace: &str, policy: &NamespacePolicy) -> Self {
+        let (namespaces, refused) =
+            spec.workload_namespaces(own_namespace, |target| policy.allows(own_namespace, target));
+        let refusal = policy.refusal(own_namespace, &refused);
         // An invalid label key selects nothing (the status says why).
         if spec.label_selector().is_err() {
-            return WorkloadSelector::default();
+            return WorkloadSelector {
+                refusal,
+                ..WorkloadSelector::default()
+            };
         }
         WorkloadSelector {
             kinds: spec.selected_workload_kinds().into_iter().collect(),
             namespaces: namespaces.into_iter().collect(),
             labels: spec.filter_by_labels.clone(),
+            refusal,
         }
     }
 
@@ -441,6 +450,7 @@ mod tests {
             kinds: [WorkloadKind::Deployment].into(),
             namespaces: namespaces.iter().map(|ns| ns.to_string()).collect(),
             labels: [("app".to_string(), apps.to_string())].into(),
+            refusal: None,
         }
     }
 

@@ -66,6 +66,15 @@ pub struct DesiredSet {
     pub invalid_images: Vec<ImageRefError>,
 }
 
+/// A Prefetch over `defaults.max_pairs_per_prefetch`: its status message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "too many (node, image) pairs: more than {limit}, the limit per Prefetch (defaults.max_pairs_per_prefetch); select fewer images or nodes"
+)]
+pub struct TooManyPairs {
+    pub limit: usize,
+}
+
 /// A toleration of every taint (empty key + Exists).
 pub fn tolerate_everything() -> Toleration {
     Toleration {
@@ -281,6 +290,32 @@ impl Planner {
             desired.replace_node(&node.name, plan);
         }
         desired
+    }
+
+    /// Like [`Planner::plan`], but gives up as soon as the set holds more
+    /// than `limit` pairs: then no pair and no node is planned (the images
+    /// are still resolved, for the status). Building a million pairs only
+    /// to refuse them would cost the memory the limit protects.
+    pub fn plan_within<'a>(
+        &self,
+        nodes: impl IntoIterator<Item = &'a NodeView>,
+        limit: usize,
+    ) -> (DesiredSet, Option<TooManyPairs>) {
+        let mut desired = DesiredSet {
+            images: self.images.clone(),
+            invalid_images: self.invalid_images.clone(),
+            ..DesiredSet::default()
+        };
+        for node in nodes {
+            let plan = self.plan_node(node);
+            desired.replace_node(&node.name, plan);
+            if desired.pairs.len() > limit {
+                desired.pairs.clear();
+                desired.nodes.clear();
+                return (desired, Some(TooManyPairs { limit }));
+            }
+        }
+        (desired, None)
     }
 
     /// Every valid canonical image of the sources.
@@ -720,6 +755,35 @@ mod tests {
         desired.replace_node("worker3", None);
         assert_eq!(desired, whole(&nodes));
         assert_eq!(desired.node_keys("worker3").count(), 0);
+    }
+
+    #[test]
+    fn planning_stops_at_the_pair_limit() {
+        let planner = Planner::new(
+            [workload("apps", "web", &["nginx:1", "redis:7"])].iter(),
+            &no_extra(),
+            workers(),
+            true,
+            false,
+        );
+        let nodes = [
+            node("worker1", &[]),
+            node("worker2", &[]),
+            node("worker3", &[]),
+        ];
+        let (within, none) = planner.plan_within(nodes.iter(), 6);
+        assert_eq!((within.pairs.len(), none), (6, None));
+        assert_eq!(within, planner.plan(nodes.iter()));
+
+        let (over, too_many) = planner.plan_within(nodes.iter(), 5);
+        assert!(over.pairs.is_empty() && over.nodes.is_empty());
+        assert_eq!(over.images.len(), 2, "images still resolved for the status");
+        assert_eq!(
+            too_many.map(|too_many| too_many.to_string()).as_deref(),
+            Some(
+                "too many (node, image) pairs: more than 5, the limit per Prefetch (defaults.max_pairs_per_prefetch); select fewer images or nodes"
+            )
+        );
     }
 
     #[test]

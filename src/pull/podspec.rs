@@ -365,6 +365,50 @@ pub fn pair_of_pod(pod: &Pod) -> Option<(String, PairKey)> {
     Some((uid.clone(), PairKey::new(node.clone(), image.clone())))
 }
 
+/// Whether a pod that [`pair_of_pod`] found to be the pull pod of `key` for
+/// the Prefetch `prefetch_uid` is one we would have created: the name
+/// derived from those three, bound to the pair's node and, when `namespace`
+/// is given (the pair is wanted: where the plan puts its pod), in that
+/// namespace. Labels and annotations are anyone's to set, and a pod taken
+/// for ours holds a pull slot and can mark the pair satisfied, so anything
+/// else is left alone. A pair no longer wanted passes `None`: its leftover
+/// may sit in a namespace the Prefetch no longer targets, and deleting a
+/// pod of exactly our name gives nobody anything. The error says why, for
+/// the log.
+pub fn check_own_pull_pod(
+    pod: &Pod,
+    prefetch_uid: &str,
+    key: &PairKey,
+    namespace: Option<&str>,
+) -> Result<(), String> {
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    let expected = pull_pod_name(prefetch_uid, &key.node, &key.image);
+    if name != expected {
+        return Err(format!(
+            "its name is not {expected}, the one we give the pod of node {} and image {}",
+            key.node, key.image
+        ));
+    }
+    let node = pod
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.node_name.as_deref())
+        .unwrap_or_default();
+    if node != key.node {
+        return Err(format!(
+            "it is bound to node {node:?}, not to {:?} as its annotation says",
+            key.node
+        ));
+    }
+    let pod_namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+    match namespace {
+        Some(wanted) if wanted != pod_namespace => Err(format!(
+            "it is in namespace {pod_namespace}, not in {wanted} where we create it"
+        )),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -647,6 +691,45 @@ mod tests {
         let target = target();
         let pod = build(&target, "p", None);
         assert_eq!(pair_of_pod(&pod), Some((UID.to_string(), target.key())));
+    }
+
+    #[test]
+    fn only_the_pod_we_would_create_is_ours() {
+        let target = target();
+        let key = target.key();
+        let pod = build(&target, "p", None);
+        assert_eq!(check_own_pull_pod(&pod, UID, &key, Some("apps")), Ok(()));
+        assert_eq!(check_own_pull_pod(&pod, UID, &key, None), Ok(()));
+
+        // Same name, labels and annotations, another tenant's namespace.
+        let mut elsewhere = pod.clone();
+        elsewhere.metadata.namespace = Some("tenant-b".into());
+        assert_eq!(
+            check_own_pull_pod(&elsewhere, UID, &key, Some("apps")),
+            Err("it is in namespace tenant-b, not in apps where we create it".to_string())
+        );
+        // A leftover of a pair no longer wanted may be anywhere.
+        assert_eq!(check_own_pull_pod(&elsewhere, UID, &key, None), Ok(()));
+
+        let mut renamed = pod.clone();
+        renamed.metadata.name = Some("looks-like-ours".into());
+        assert_eq!(
+            check_own_pull_pod(&renamed, UID, &key, Some("apps")),
+            Err(format!(
+                "its name is not {}, the one we give the pod of node kind-worker and image docker.io/library/nginx:1.7.9",
+                pod.metadata.name.clone().unwrap_or_default()
+            ))
+        );
+        assert!(check_own_pull_pod(&renamed, UID, &key, None).is_err());
+
+        let mut moved = pod.clone();
+        if let Some(spec) = moved.spec.as_mut() {
+            spec.node_name = Some("kind-worker2".into());
+        }
+        assert_eq!(
+            check_own_pull_pod(&moved, UID, &key, Some("apps")),
+            Err("it is bound to node \"kind-worker2\", not to \"kind-worker\" as its annotation says".to_string())
+        );
     }
 
     #[test]

@@ -81,6 +81,10 @@ pub struct Options {
     pub extra_toml: String,
     /// Extra environment variables of the process.
     pub env: Vec<(String, String)>,
+    /// Starts as a leader-election standby: it serves `/healthz` but is
+    /// not ready (`/readyz` 503) until it leads, so `start` waits for the
+    /// former only.
+    pub standby: bool,
 }
 
 impl Default for Options {
@@ -95,6 +99,7 @@ impl Default for Options {
             status_debounce: "200ms",
             extra_toml: String::new(),
             env: Vec::new(),
+            standby: false,
         }
     }
 }
@@ -120,9 +125,15 @@ pub fn free_port() -> Result<u16> {
 
 impl Orchestrator {
     pub async fn start(test: &str, options: Options) -> Result<Orchestrator> {
+        let standby = options.standby;
         let mut orchestrator = Orchestrator::prepare(test, options)?;
         orchestrator.spawn()?;
-        orchestrator.wait_ready().await?;
+        // A standby is not ready (it waits for the lease), but it serves.
+        if standby {
+            orchestrator.wait_path("/healthz").await?;
+        } else {
+            orchestrator.wait_ready().await?;
+        }
         Ok(orchestrator)
     }
 
@@ -214,15 +225,24 @@ helper_image = "{HELPER_IMAGE}"
     }
 
     pub async fn wait_ready(&self) -> Result<()> {
-        let url = format!("{}/readyz", self.url());
-        support::wait_for("kube-prefetch /readyz", Duration::from_secs(30), || {
-            let url = url.clone();
-            async move {
-                let ok =
-                    tokio::task::spawn_blocking(move || ureq::get(&url).call().is_ok()).await?;
-                Ok(ok.then_some(()))
-            }
-        })
+        self.wait_path("/readyz").await
+    }
+
+    /// Waits until `path` answers 200.
+    pub async fn wait_path(&self, path: &str) -> Result<()> {
+        let url = format!("{}{path}", self.url());
+        support::wait_for(
+            &format!("kube-prefetch {path}"),
+            Duration::from_secs(30),
+            || {
+                let url = url.clone();
+                async move {
+                    let ok =
+                        tokio::task::spawn_blocking(move || ureq::get(&url).call().is_ok()).await?;
+                    Ok(ok.then_some(()))
+                }
+            },
+        )
         .await
         .with_context(|| format!("log:\n{}", self.log_tail(40)))
     }
@@ -239,6 +259,45 @@ helper_image = "{HELPER_IMAGE}"
             .arg(pid.to_string())
             .status()?;
         ensure(status.success(), || format!("kill -{name} {pid} failed"))
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut().context("not running")?;
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "still running after {timeout:?}; log:\n{}",
+                    self.log_tail(30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The status code and body of `GET path`, whatever the code.
+    pub async fn get_any(&self, path: &str) -> Result<(u16, String)> {
+        let url = format!("{}{path}", self.url());
+        tokio::task::spawn_blocking(move || -> Result<(u16, String)> {
+            let mut response = ureq::get(&url)
+                .config()
+                .http_status_as_error(false)
+                .build()
+                .call()?;
+            let code = response.status().as_u16();
+            Ok((code, response.body_mut().read_to_string()?))
+        })
+        .await?
     }
 
     /// SIGKILL: no chance to clean anything up.

@@ -17,7 +17,7 @@ export RUST_LIB_BACKTRACE = 0
 
 CARGO ?= cargo
 
-.PHONY: demo lint sim-build sim-up sim-down test
+.PHONY: demo lint sim-build sim-up sim-down test test-faults
 
 ## Build, start $(SIM_CLUSTERS) simulated clusters, install the CRD and the
 ## examples in each, and run kube-prefetch on all of them in the foreground,
@@ -41,6 +41,13 @@ sim-up: sim-build
 sim-down:
 	clusters/sim/down
 
+## The fault-injection suite (tests/faults.rs, RELIABILITY.md): breaks one
+## sim cluster's API server, etcd, network or RBAC mid-fan-out while the
+## others work. Needs running sim clusters (starts them if not); a few minutes.
+test-faults:
+	clusters/sim/up --clusters $(SIM_CLUSTERS) --nodes $(SIM_NODES)
+	$(CARGO) test --test faults -- --ignored --test-threads 1 --nocapture
+
 ## Format and lint checks, then every test against fresh simulated clusters:
 ## first on fake (KWOK) nodes, then the real-node tests with real kubelets
 ## added to sim-1. The clusters are stopped at the end whatever happens; the
@@ -53,6 +60,7 @@ test:
 	clusters/sim/build --real-nodes; \
 	clusters/sim/up --clusters $(SIM_CLUSTERS) --nodes $(SIM_NODES); \
 	$(CARGO) test; \
+	$(MAKE) --no-print-directory test-faults; \
 	clusters/sim/up --clusters $(SIM_CLUSTERS) --nodes $(SIM_NODES) --real-nodes $(SIM_REAL_NODES); \
 	$(CARGO) test --test real_nodes -- --ignored --test-threads 1 --nocapture; \
 	$(CARGO) test --test sim_down -- --ignored --test-threads 1; \

@@ -55,6 +55,19 @@ pub fn api_status_code(error: &kube::Error) -> Option<u16> {
     }
 }
 
+/// True when the API server could not be reached or said it cannot serve
+/// now (5xx, 429): a request that failed for that says nothing about what
+/// it asked for, and is to be retried once the server is back.
+pub fn is_server_unavailable(error: &kube::Error) -> bool {
+    match api_status_code(error) {
+        Some(code) => code == 429 || code >= 500,
+        None => matches!(
+            error,
+            kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::HttpError(_)
+        ),
+    }
+}
+
 /// A short, readable text for a client error: the server's message when it
 /// answered, the innermost cause otherwise (connection refused, TLS, ...).
 pub fn describe_kube_error(error: &kube::Error) -> String {
@@ -80,5 +93,30 @@ pub fn describe_watch_error(error: &kube::runtime::watcher::Error) -> String {
         | kube::runtime::watcher::Error::WatchStartFailed(source)
         | kube::runtime::watcher::Error::WatchFailed(source) => describe_kube_error(source),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_error(code: u16) -> kube::Error {
+        kube::Error::Api(
+            kube::core::Status::failure("refused", "Reason")
+                .with_code(code)
+                .boxed(),
+        )
+    }
+
+    #[test]
+    fn only_an_absent_or_overloaded_server_is_unavailable() {
+        for code in [500, 503, 504, 429] {
+            assert!(is_server_unavailable(&api_error(code)), "{code}");
+        }
+        for code in [400, 403, 404, 409, 422] {
+            assert!(!is_server_unavailable(&api_error(code)), "{code}");
+        }
+        let refused = kube::Error::Service("tcp connect error: Connection refused".into());
+        assert!(is_server_unavailable(&refused));
     }
 }

@@ -1063,14 +1063,7 @@ async fn a_fan_out_makes_few_status_writes() -> Result<()> {
     assert_eq!(pulls, 8 * workers(&cluster).len());
     assert_eq!(status.pulls.ready as usize, pulls);
     let metrics = orchestrator.get("/metrics").await?;
-    let writes: f64 = metrics
-        .lines()
-        .filter(|line| {
-            line.starts_with("kube_prefetch_status_writes_total")
-                && line.contains(&format!("cluster=\"{cluster}\""))
-        })
-        .filter_map(|line| line.split_whitespace().last()?.parse::<f64>().ok())
-        .sum();
+    let writes = metric_sum(&metrics, "kube_prefetch_status_writes_total", &cluster);
     assert!(writes >= 1.0, "no status write counted:\n{metrics}");
     assert!(
         writes * 2.0 <= pulls as f64,

@@ -25,7 +25,7 @@ use crate::api::{
     Condition, MAX_PULL_TIMEOUT_SECONDS, MAX_RETRY_AFTER_SECONDS, Phase, Prefetch, PrefetchStatus,
     VerifiedRecord,
 };
-use crate::error::{api_status_code, describe_kube_error};
+use crate::error::{api_status_code, describe_kube_error, is_server_unavailable};
 use crate::pull::index::{NodeChange, WorkloadEntry, targeting_of};
 use crate::pull::outcome::classify;
 use crate::pull::plan::{DesiredSet, ExtraImages, PairKey, Planner};
@@ -420,6 +420,16 @@ impl PrefetchActor {
                     Err(error) if api_status_code(&error) == Some(409) => {
                         debug!(pod = %pod_name, "pull pod already exists; looking it up");
                         actor.look_up_existing(key, pod_name, target.namespace, ctx);
+                    }
+                    // The API server is down or overloaded: that is the
+                    // cluster's state (its health says so), not a failed
+                    // pull, so no attempt is counted; try again later.
+                    Err(error) if is_server_unavailable(&error) => {
+                        let delay = actor.tracker.policy().delay_after(1);
+                        warn!(node = %key.node, image = %key.image, error = %describe_kube_error(&error), ?delay, "API server unavailable while creating pull pod; not counted as an attempt, retrying");
+                        actor.release_slot(&key.node);
+                        actor.tracker.on_create_conflict(&key, Instant::now(), delay);
+                        actor.schedule_wakeup(ctx);
                     }
                     Err(error) => {
                         let message = describe_kube_error(&error);

@@ -77,6 +77,8 @@ pub struct Options {
     pub backoff_multiplier: f32,
     pub max_attempts: u32,
     pub status_debounce: &'static str,
+    /// More lines of the `[defaults]` table (e.g. `max_parallel_per_node = 5`).
+    pub defaults_toml: String,
     /// Appended to the generated config file (e.g. a `[leader_election]` table).
     pub extra_toml: String,
     /// Extra environment variables of the process.
@@ -93,6 +95,7 @@ impl Default for Options {
             backoff_multiplier: 4.0,
             max_attempts: 3,
             status_debounce: "200ms",
+            defaults_toml: String::new(),
             extra_toml: String::new(),
             env: Vec::new(),
         }
@@ -136,6 +139,7 @@ listen = "127.0.0.1:{port}"
 
 [defaults]
 status_debounce = "{debounce}"
+{defaults}
 
 [backoff]
 initial = "{initial}"
@@ -159,6 +163,7 @@ helper_image = "{HELPER_IMAGE}"
             cross = options.cross_namespace,
             extra = options.extra_toml,
             debounce = options.status_debounce,
+            defaults = options.defaults_toml,
         );
         let config_path = dir.path().join("kube-prefetch.toml");
         std::fs::write(&config_path, config)?;
@@ -511,20 +516,60 @@ pub fn closed_port_kubeconfig(
 }
 
 impl ClosedPortCluster {
-    /// Relays the port to the real API server from now on.
-    pub async fn open(&self) -> Result<tokio::task::JoinHandle<()>> {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await?;
+    /// Relays the port to the real API server from now on, until the
+    /// returned [`Relay`] is closed or dropped.
+    pub async fn open(&self) -> Result<Relay> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .with_context(|| format!("listening on 127.0.0.1:{}", self.port))?;
         let upstream = self.upstream.clone();
-        Ok(tokio::spawn(async move {
+        let connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let accepted = connections.clone();
+        let listener = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 let upstream = upstream.clone();
-                tokio::spawn(async move {
+                let connection = tokio::spawn(async move {
                     if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }
                 });
+                let mut all = accepted.lock().unwrap_or_else(|e| e.into_inner());
+                all.retain(|c| !c.is_finished());
+                all.push(connection);
             }
-        }))
+        });
+        Ok(Relay {
+            listener,
+            connections,
+        })
+    }
+}
+
+/// The TCP relay of an open [`ClosedPortCluster`].
+pub struct Relay {
+    listener: tokio::task::JoinHandle<()>,
+    connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Relay {
+    /// Closes the port and cuts every connection through it: to a client
+    /// the API server is gone, mid-request and mid-watch.
+    pub fn close(&self) {
+        self.listener.abort();
+        for connection in self
+            .connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            connection.abort();
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -554,6 +599,17 @@ where
     )
     .await
     .with_context(|| format!("applying {name}"))
+}
+
+/// The sum of the samples of metric `name` (in Prometheus text) whose
+/// labels include `cluster="<cluster>"`.
+pub fn metric_sum(metrics: &str, name: &str, cluster: &str) -> f64 {
+    let label = format!("cluster=\"{cluster}\"");
+    metrics
+        .lines()
+        .filter(|line| line.starts_with(name) && line.contains(&label))
+        .filter_map(|line| line.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Status view helpers.

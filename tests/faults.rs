@@ -65,6 +65,8 @@ struct Fanout {
     ns: support::TestNamespace,
     log: PodLog,
     pairs: BTreeSet<(String, String)>,
+    /// When the Prefetch was applied.
+    created: Instant,
 }
 
 impl Fanout {
@@ -92,6 +94,7 @@ impl Fanout {
             ns,
             log,
             pairs,
+            created: Instant::now(),
         })
     }
 
@@ -119,9 +122,10 @@ impl Fanout {
         Ok(since.elapsed())
     }
 
-    /// Times READY in the background, so that several clusters are timed
-    /// at once.
-    fn ready_clock(&self, since: Instant) -> tokio::task::JoinHandle<Result<Duration>> {
+    /// Times READY from the Prefetch's creation in the background, so that
+    /// several clusters are timed at once.
+    fn ready_clock(&self) -> tokio::task::JoinHandle<Result<Duration>> {
+        let since = self.created;
         let (client, namespace, cluster) = (
             self.client(),
             self.ns.name().to_string(),
@@ -185,13 +189,15 @@ async fn metric(orchestrator: &Orchestrator, name: &str, cluster: &str) -> Resul
     Ok(metric_sum(&metrics, name, cluster))
 }
 
-/// Each cluster's time to READY of the control fan-out, without any fault:
-/// measured once per test binary, with all clusters working at once.
+/// Each cluster's time to READY of the control fan-out, without any fault,
+/// from its creation with kube-prefetch running: measured once per test
+/// binary, with all clusters working at once.
 static BASELINE: OnceCell<BTreeMap<String, Duration>> = OnceCell::const_new();
 
 async fn baseline() -> Result<&'static BTreeMap<String, Duration>> {
     BASELINE
         .get_or_try_init(|| async {
+            let _orchestrator = Orchestrator::start("faults-baseline", options(None)).await?;
             let mut fanouts = Vec::new();
             for cluster in support::cluster_names() {
                 fanouts.push(
@@ -199,9 +205,7 @@ async fn baseline() -> Result<&'static BTreeMap<String, Duration>> {
                         .await?,
                 );
             }
-            let _orchestrator = Orchestrator::start("faults-baseline", options(None)).await?;
-            let since = Instant::now();
-            let clocks: Vec<_> = fanouts.iter().map(|f| f.ready_clock(since)).collect();
+            let clocks: Vec<_> = fanouts.iter().map(Fanout::ready_clock).collect();
             let mut times = BTreeMap::new();
             for (fanout, clock) in fanouts.iter().zip(clocks) {
                 times.insert(fanout.cluster.clone(), clock.await??);
@@ -310,12 +314,11 @@ async fn unreachable_clusters_recover_when_their_port_opens() -> Result<()> {
     );
     let dead_run = Fanout::create(&clusters[0], "dead", images("dead", CONTROL_IMAGES)).await?;
     let cut_run = Fanout::create(&clusters[1], "cut", images("cut", 30)).await?;
-    let control =
-        Fanout::create(&clusters[2], "control", images("control", CONTROL_IMAGES)).await?;
     let orchestrator =
         Orchestrator::start("faults-unreachable", options(Some(kubeconfig_toml))).await?;
-    let since = Instant::now();
-    let control_clock = control.ready_clock(since);
+    let control =
+        Fanout::create(&clusters[2], "control", images("control", CONTROL_IMAGES)).await?;
+    let control_clock = control.ready_clock();
 
     let dead_reason = wait_unreachable(&orchestrator, "dead-at-start").await?;
     ensure!(
@@ -409,4 +412,179 @@ async fn unreachable_clusters_recover_when_their_port_opens() -> Result<()> {
         run.cleanup().await?;
     }
     Ok(())
+}
+
+/// Runs `clusters/sim/daemon CLUSTER COMPONENT ACTION`.
+fn sim_daemon(cluster: &str, component: &str, action: &str) -> Result<()> {
+    let script = support::repo_root().join("clusters/sim/daemon");
+    let output = std::process::Command::new(&script)
+        .args([cluster, component, action])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    ensure!(
+        output.status.success(),
+        "clusters/sim/daemon {cluster} {component} {action}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+/// A killed sim daemon, started again by [`KilledDaemon::start`] or, if the
+/// test fails first, on drop: later tests need the cluster.
+struct KilledDaemon {
+    cluster: String,
+    component: &'static str,
+    running: bool,
+}
+
+impl KilledDaemon {
+    fn kill(cluster: &str, component: &'static str) -> Result<KilledDaemon> {
+        sim_daemon(cluster, component, "kill")?;
+        Ok(KilledDaemon {
+            cluster: cluster.to_string(),
+            component,
+            running: false,
+        })
+    }
+
+    fn start(&mut self) -> Result<()> {
+        sim_daemon(&self.cluster, self.component, "start")?;
+        self.running = true;
+        Ok(())
+    }
+}
+
+impl Drop for KilledDaemon {
+    fn drop(&mut self) {
+        if !self.running
+            && let Err(error) = sim_daemon(&self.cluster, self.component, "start")
+        {
+            eprintln!(
+                "starting {} of {} again: {error:#}",
+                self.component, self.cluster
+            );
+        }
+    }
+}
+
+/// Cases 1 and 2: `component` of the second cluster is SIGKILLed once
+/// `kill_at` of its `images` × 3 pulls were created, and started again
+/// `down_for` later; the other two clusters run a fan-out meanwhile.
+async fn daemon_outage(
+    case: &str,
+    component: &'static str,
+    images_count: usize,
+    kill_at: usize,
+    down_for: Duration,
+) -> Result<()> {
+    let _serial = setup().await;
+    let base = baseline().await?;
+    let clusters = support::cluster_names();
+    let broken = clusters[1].clone();
+    let run = Fanout::create(&broken, component, images(component, images_count)).await?;
+    let orchestrator = Orchestrator::start(&format!("faults-{component}"), options(None)).await?;
+    support::wait_for(
+        &format!("{kill_at} pull pods on {broken}"),
+        READY_TIMEOUT,
+        || {
+            let seen = run.pods_seen();
+            async move { Ok((seen >= kill_at).then_some(())) }
+        },
+    )
+    .await?;
+    let mut daemon = KilledDaemon::kill(&broken, component)?;
+    let killed_at = Instant::now();
+    let pods_at_kill = run.pods_seen();
+    let mut controls = Vec::new();
+    for cluster in [&clusters[0], &clusters[2]] {
+        controls.push(Fanout::create(cluster, "control", images("control", CONTROL_IMAGES)).await?);
+    }
+    let clocks: Vec<_> = controls.iter().map(Fanout::ready_clock).collect();
+
+    // While it is down, /api/v1/status says so.
+    let reason = wait_unreachable(&orchestrator, &broken).await?;
+    let noticed = killed_at.elapsed();
+    tokio::time::sleep(down_for.saturating_sub(killed_at.elapsed())).await;
+    ensure!(
+        matches!(
+            health_of(&orchestrator.status().await?, &broken),
+            Some(ClusterHealth::Unreachable { .. })
+        ),
+        "{broken} is still Unreachable at the end of the outage"
+    );
+    daemon.start()?;
+    let restarted_at = Instant::now();
+    let recovered = run.wait_ready(restarted_at).await?;
+    wait_connected(&orchestrator, &broken).await?;
+
+    let mut control_times = Vec::new();
+    for (control, clock) in controls.iter().zip(clocks) {
+        let took = clock.await??;
+        within_margin(&control.cluster, took, base)?;
+        control_times.push(format!(
+            "{} {} (baseline {})",
+            control.cluster,
+            secs(took),
+            secs(base[&control.cluster])
+        ));
+    }
+    let created = metric(
+        &orchestrator,
+        "kube_prefetch_pull_pods_created_total",
+        &broken,
+    )
+    .await?;
+    let seen = run.check_done(created).await?;
+    for control in &controls {
+        let created = metric(
+            &orchestrator,
+            "kube_prefetch_pull_pods_created_total",
+            &control.cluster,
+        )
+        .await?;
+        control.check_done(created).await?;
+    }
+    record(
+        case,
+        &[
+            ("pulls", run.pairs.len().to_string()),
+            ("pods_at_kill", pods_at_kill.to_string()),
+            ("down_for", secs(down_for)),
+            ("noticed_after", secs(noticed)),
+            ("ready_after_restart", secs(recovered)),
+            ("pods_created", format!("{created} (test watch saw {seen})")),
+            ("pods_left", "0".into()),
+            ("others", control_times.join(", ")),
+            ("reason", format!("{reason:?}")),
+        ],
+    );
+    run.cleanup().await?;
+    for control in controls {
+        control.cleanup().await?;
+    }
+    Ok(())
+}
+
+/// Case 1: one cluster's kube-apiserver SIGKILLed in the middle of a
+/// 501-pull fan-out and started again 20 s later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection (minutes): make test-faults"]
+async fn apiserver_killed_mid_fan_out_recovers() -> Result<()> {
+    daemon_outage(
+        "1 kube-apiserver killed",
+        "kube-apiserver",
+        167,
+        150,
+        Duration::from_secs(20),
+    )
+    .await
+}
+
+/// Case 2: one cluster's etcd SIGKILLed mid-fan-out and started again 30 s
+/// later; its API server stays up and answers errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection (minutes): make test-faults"]
+async fn etcd_killed_mid_fan_out_recovers() -> Result<()> {
+    daemon_outage("2 etcd killed", "etcd", 60, 60, Duration::from_secs(30)).await
 }

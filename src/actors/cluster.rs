@@ -112,7 +112,14 @@ pub struct ClusterActor {
     background: Vec<tokio::task::JoinHandle<()>>,
     last_health: Option<ClusterHealth>,
     version: String,
+    /// The API server answers but says it is not ready (its `/readyz`): its
+    /// etcd is down, say, which no watch shows, as the API server serves
+    /// them from its cache.
+    not_ready: bool,
 }
+
+/// How often a connected cluster's `/readyz` is asked.
+const READYZ_INTERVAL: Duration = Duration::from_secs(5);
 
 impl ClusterActor {
     pub fn new(
@@ -144,6 +151,7 @@ impl ClusterActor {
             background: Vec::new(),
             last_health: None,
             version: String::new(),
+            not_ready: false,
         }
     }
 
@@ -231,14 +239,17 @@ impl ClusterActor {
             addr.clone(),
             NodeEvent,
         );
-        let pods: Api<Pod> = Api::all(client);
+        let pods: Api<Pod> = Api::all(client.clone());
         self.spawn_watch(
             pods,
             watcher::Config::default().labels(&managed_selector()),
             "pull pods",
-            addr,
+            addr.clone(),
             PodEvent,
         );
+        let span = self.span.clone();
+        self.background
+            .push(actix::spawn(probe_readyz(client, addr).instrument(span)));
     }
 
     /// Runs a watch as a task that forwards every event to this actor; the
@@ -764,6 +775,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn failed_readyz_checks_are_named() {
+        let body = "[+]ping ok\n[+]log ok\n[-]etcd failed: reason withheld\n[+]informer-sync ok\nreadyz check failed";
+        assert_eq!(failed_readyz_checks(body), "etcd failed: reason withheld");
+        assert_eq!(
+            failed_readyz_checks(" service unavailable\n"),
+            "service unavailable"
+        );
+    }
+
+    #[test]
     fn request_rate_turns_qps_into_requests_per_period() {
         assert_eq!(request_rate(20.0), Some((20, Duration::from_secs(1))));
         assert_eq!(request_rate(0.5), Some((1, Duration::from_secs(2))));
@@ -1021,6 +1042,69 @@ impl Handler<PodEvent> for ClusterActor {
     }
 }
 
+/// Asks the API server's `/readyz` every [`READYZ_INTERVAL`] and tells the
+/// actor what it answered. A refused connection is left to the watches.
+async fn probe_readyz(client: Client, addr: Addr<ClusterActor>) {
+    loop {
+        tokio::time::sleep(READYZ_INTERVAL).await;
+        let request = match http::Request::get("/readyz?verbose").body(Vec::new()) {
+            Ok(request) => request,
+            Err(error) => {
+                warn!(%error, "cannot build the /readyz request");
+                return;
+            }
+        };
+        let answer = match client.request_text(request).await {
+            Ok(_) => Readyz(None),
+            Err(kube::Error::Api(status)) => Readyz(Some(failed_readyz_checks(&status.message))),
+            Err(error) => {
+                debug!(error = %describe_kube_error(&error), "/readyz not answered");
+                continue;
+            }
+        };
+        addr.do_send(answer);
+    }
+}
+
+/// The failed checks of a verbose `/readyz` answer (`[-]etcd failed: ...`),
+/// or the whole answer when it names none.
+fn failed_readyz_checks(body: &str) -> String {
+    let failed: Vec<&str> = body
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("[-]"))
+        .collect();
+    if failed.is_empty() {
+        body.trim().to_string()
+    } else {
+        failed.join("; ")
+    }
+}
+
+/// What `/readyz` said: `None` ready, `Some(failed checks)` not.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Readyz(Option<String>);
+
+impl Handler<Readyz> for ClusterActor {
+    type Result = ();
+    fn handle(&mut self, Readyz(failed): Readyz, _: &mut Self::Context) {
+        let _span = self.span.clone().entered();
+        match failed {
+            Some(failed) => {
+                self.not_ready = true;
+                self.report(ClusterHealth::Unreachable {
+                    reason: format!("the API server is not ready (/readyz): {failed}"),
+                });
+            }
+            None if self.not_ready => {
+                self.not_ready = false;
+                self.mark_healthy();
+            }
+            None => {}
+        }
+    }
+}
+
 impl ClusterActor {
     /// A watch delivered an event again after failing: the cluster is back.
     fn mark_healthy(&mut self) {
@@ -1028,7 +1112,8 @@ impl ClusterActor {
             self.last_health,
             Some(ClusterHealth::Unreachable { .. } | ClusterHealth::Forbidden { .. })
         );
-        if was_down && self.shared.is_some() {
+        // Watches served from the API server's cache say nothing of its etcd.
+        if was_down && self.shared.is_some() && !self.not_ready {
             let version = self.version.clone();
             self.report(ClusterHealth::Connected { version });
         }

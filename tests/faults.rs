@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use harness::*;
-use kube::Client;
+use kube::{Api, Client};
 use kube_prefetch::actors::status::{ClusterHealth, StatusView};
 use kube_prefetch::api::{Phase, Prefetch, PrefetchStatus};
 use serde_json::json;
@@ -496,11 +496,7 @@ async fn daemon_outage(
     let mut daemon = KilledDaemon::kill(&broken, component)?;
     let killed_at = Instant::now();
     let pods_at_kill = run.pods_seen();
-    let mut controls = Vec::new();
-    for cluster in [&clusters[0], &clusters[2]] {
-        controls.push(Fanout::create(cluster, "control", images("control", CONTROL_IMAGES)).await?);
-    }
-    let clocks: Vec<_> = controls.iter().map(Fanout::ready_clock).collect();
+    let controls = controls_beside(&broken).await?;
 
     // While it is down, /api/v1/status says so.
     let reason = wait_unreachable(&orchestrator, &broken).await?;
@@ -518,33 +514,9 @@ async fn daemon_outage(
     let recovered = run.wait_ready(restarted_at).await?;
     wait_connected(&orchestrator, &broken).await?;
 
-    let mut control_times = Vec::new();
-    for (control, clock) in controls.iter().zip(clocks) {
-        let took = clock.await??;
-        within_margin(&control.cluster, took, base)?;
-        control_times.push(format!(
-            "{} {} (baseline {})",
-            control.cluster,
-            secs(took),
-            secs(base[&control.cluster])
-        ));
-    }
-    let created = metric(
-        &orchestrator,
-        "kube_prefetch_pull_pods_created_total",
-        &broken,
-    )
-    .await?;
+    let others = finish_controls(&orchestrator, controls, base).await?;
+    let created = created(&orchestrator, &broken).await?;
     let seen = run.check_done(created).await?;
-    for control in &controls {
-        let created = metric(
-            &orchestrator,
-            "kube_prefetch_pull_pods_created_total",
-            &control.cluster,
-        )
-        .await?;
-        control.check_done(created).await?;
-    }
     record(
         case,
         &[
@@ -555,14 +527,11 @@ async fn daemon_outage(
             ("ready_after_restart", secs(recovered)),
             ("pods_created", format!("{created} (test watch saw {seen})")),
             ("pods_left", "0".into()),
-            ("others", control_times.join(", ")),
+            ("others", others),
             ("reason", format!("{reason:?}")),
         ],
     );
     run.cleanup().await?;
-    for control in controls {
-        control.cleanup().await?;
-    }
     Ok(())
 }
 
@@ -587,4 +556,288 @@ async fn apiserver_killed_mid_fan_out_recovers() -> Result<()> {
 #[ignore = "fault injection (minutes): make test-faults"]
 async fn etcd_killed_mid_fan_out_recovers() -> Result<()> {
     daemon_outage("2 etcd killed", "etcd", 60, 60, Duration::from_secs(30)).await
+}
+
+/// The pull pods kube-prefetch created in one cluster.
+async fn created(orchestrator: &Orchestrator, cluster: &str) -> Result<f64> {
+    metric(
+        orchestrator,
+        "kube_prefetch_pull_pods_created_total",
+        cluster,
+    )
+    .await
+}
+
+/// Creates the control fan-outs on every cluster but `broken`; each is timed
+/// from now.
+async fn controls_beside(
+    broken: &str,
+) -> Result<Vec<(Fanout, tokio::task::JoinHandle<Result<Duration>>)>> {
+    let mut controls = Vec::new();
+    for cluster in support::cluster_names() {
+        if cluster != broken {
+            let fanout =
+                Fanout::create(&cluster, "control", images("control", CONTROL_IMAGES)).await?;
+            let clock = fanout.ready_clock();
+            controls.push((fanout, clock));
+        }
+    }
+    Ok(controls)
+}
+
+/// Waits for the control fan-outs, checks their time and their pods, and
+/// describes their times.
+async fn finish_controls(
+    orchestrator: &Orchestrator,
+    controls: Vec<(Fanout, tokio::task::JoinHandle<Result<Duration>>)>,
+    base: &BTreeMap<String, Duration>,
+) -> Result<String> {
+    let mut times = Vec::new();
+    for (control, clock) in controls {
+        let took = clock.await??;
+        within_margin(&control.cluster, took, base)?;
+        control
+            .check_done(created(orchestrator, &control.cluster).await?)
+            .await?;
+        times.push(format!(
+            "{} {} (baseline {})",
+            control.cluster,
+            secs(took),
+            secs(base[&control.cluster])
+        ));
+        control.cleanup().await?;
+    }
+    Ok(times.join(", "))
+}
+
+/// Case 5: a node deleted while its (slow) pulls are in flight: its pull
+/// pods are deleted, the Prefetch targets the nodes that are left and
+/// becomes READY.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection (minutes): make test-faults"]
+async fn node_deleted_mid_pull_is_dropped_and_its_pods_removed() -> Result<()> {
+    use k8s_openapi::api::core::v1::Node;
+    let _serial = setup().await;
+    let base = baseline().await?;
+    let cluster = support::cluster_names()[2].clone();
+    let client = support::client(&cluster).await;
+    // "worker" in its name: the fan-out's node_filter takes it too.
+    let doomed = support::unique_name("doomed-worker");
+    let nodes: Api<Node> = Api::all(client.clone());
+    apply(&nodes, fake_node(&doomed, "amd64", json!({}))).await?;
+    let node_cleanup = delete_nodes_later(&cluster, vec![doomed.clone()]);
+    wait_nodes_ready(&nodes, vec![doomed.clone()]).await?;
+    let orchestrator = Orchestrator::start("faults-node-deleted", options(None)).await?;
+    let run = Fanout::create(
+        &cluster,
+        "nodegone",
+        vec![
+            "slow.invalid/nodegone/app1:1".into(),
+            "slow.invalid/nodegone/app2:1".into(),
+        ],
+    )
+    .await?;
+    let on_doomed = |log: &PodLog, ns: &str| -> Vec<SeenPod> {
+        log.pods_in(ns)
+            .into_iter()
+            .filter(|p| p.node == doomed)
+            .collect()
+    };
+    support::wait_for(
+        "a pull in flight on the doomed node",
+        Duration::from_secs(60),
+        || {
+            let found = !on_doomed(&run.log, run.ns.name()).is_empty();
+            async move { Ok(found.then_some(())) }
+        },
+    )
+    .await?;
+    let targeted = workers(&cluster).len() + 1;
+    support::wait_for(
+        "the status to count the doomed node",
+        Duration::from_secs(30),
+        || async { Ok((run.status().await?.nodes as usize == targeted).then_some(())) },
+    )
+    .await?;
+    nodes
+        .delete(&doomed, &kube::api::DeleteParams::default())
+        .await?;
+    let deleted_at = Instant::now();
+    let controls = controls_beside(&cluster).await?;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = run.ns.api();
+    support::wait_for(
+        "the deleted node's pull pods removed",
+        Duration::from_secs(30),
+        || {
+            let pods = pods.clone();
+            let doomed = doomed.clone();
+            async move {
+                let left = pods
+                    .list(&kube::api::ListParams::default().labels(MANAGED_BY))
+                    .await?;
+                Ok((!left.items.iter().any(|p| {
+                    p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(doomed.as_str())
+                }))
+                .then_some(()))
+            }
+        },
+    )
+    .await?;
+    let pods_removed = deleted_at.elapsed();
+    let status = support::wait_for(
+        "the status to count the nodes left",
+        Duration::from_secs(30),
+        || async {
+            let status = run.status().await?;
+            Ok((status.nodes as usize == workers(&cluster).len()).then_some(status))
+        },
+    )
+    .await?;
+    let ready = run.wait_ready(deleted_at).await?;
+    ensure!(status.pulls.failed == 0, "{status:?}");
+    let doomed_pods = on_doomed(&run.log, run.ns.name()).len();
+    let seen = run
+        .check_done(created(&orchestrator, &cluster).await? - doomed_pods as f64)
+        .await?;
+    let others = finish_controls(&orchestrator, controls, base).await?;
+    record(
+        "5 node deleted",
+        &[
+            ("pods_on_node", doomed_pods.to_string()),
+            ("its_pods_removed_after", secs(pods_removed)),
+            ("ready_after_delete", secs(ready)),
+            (
+                "pods_created",
+                format!(
+                    "{seen} for {} pairs + {doomed_pods} on the deleted node",
+                    run.pairs.len()
+                ),
+            ),
+            ("pods_left", "0".into()),
+            ("others", others),
+        ],
+    );
+    run.cleanup().await?;
+    node_cleanup.run().await?;
+    Ok(())
+}
+
+/// Case 5: a namespace whose pods are forbidden by a ResourceQuota of zero
+/// pods. The quota error is in its status and /api/v1/status, the pulls are
+/// retried with backoff, another namespace of the same cluster is not
+/// held up, and once the quota is gone the next round (retry_after) pulls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection (minutes): make test-faults"]
+async fn zero_pod_quota_is_shown_retried_and_blocks_no_other_namespace() -> Result<()> {
+    use k8s_openapi::api::core::v1::ResourceQuota;
+    const RETRY_AFTER: u64 = 20;
+    let _serial = setup().await;
+    let base = baseline().await?;
+    let cluster = support::cluster_names()[0].clone();
+    let ns = support::TestNamespace::create(&cluster, "quota").await?;
+    let client = ns.client();
+    let log = PodLog::start(client.clone()).await?;
+    let quotas: Api<ResourceQuota> = ns.api();
+    apply(
+        &quotas,
+        json!({
+            "apiVersion": "v1",
+            "kind": "ResourceQuota",
+            "metadata": { "name": "no-pods" },
+            "spec": { "hard": { "pods": "0" } },
+        }),
+    )
+    .await?;
+    // No kube-controller-manager runs: set what its quota controller would.
+    quotas
+        .patch_status(
+            "no-pods",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                json!({ "status": { "hard": { "pods": "0" }, "used": { "pods": "0" } } }),
+            ),
+        )
+        .await?;
+    let images = images("quota", 2);
+    apply(
+        &ns.api::<Prefetch>(),
+        prefetch_json(
+            PREFETCH,
+            json!({ "images": images, "node_filter": "worker", "retry_after": RETRY_AFTER }),
+        ),
+    )
+    .await?;
+    let orchestrator = Orchestrator::start("faults-quota", options(None)).await?;
+    let controls = controls_beside("none").await?;
+
+    // Shown, in the Prefetch's status and in /api/v1/status, after retries.
+    let failed = wait_phase(
+        &client,
+        ns.name(),
+        PREFETCH,
+        Phase::Failed,
+        Duration::from_secs(90),
+    )
+    .await?;
+    let failure = failed.failures.first().context("FAILED without failures")?;
+    ensure!(
+        failure.last_error.contains("exceeded quota: no-pods") && failure.attempts >= 2,
+        "the quota error, after retries: {failure:?}"
+    );
+    let message = failed.message.clone().unwrap_or_default();
+    ensure!(
+        message.contains("exceeded quota"),
+        "status message: {message}"
+    );
+    let view = orchestrator.status().await?;
+    let summary = view
+        .clusters
+        .iter()
+        .find(|c| c.name == cluster)
+        .and_then(|c| c.prefetches.iter().find(|p| p.namespace == ns.name()))
+        .with_context(|| format!("not in /api/v1/status: {view:?}"))?;
+    ensure!(
+        summary
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("exceeded quota"),
+        "/api/v1/status: {summary:?}"
+    );
+    let others = finish_controls(&orchestrator, controls, base).await?;
+    let attempts = failure.attempts;
+
+    quotas
+        .delete("no-pods", &kube::api::DeleteParams::default())
+        .await?;
+    let lifted_at = Instant::now();
+    wait_phase(
+        &client,
+        ns.name(),
+        PREFETCH,
+        Phase::Ready,
+        Duration::from_secs(RETRY_AFTER + 60),
+    )
+    .await?;
+    let ready = lifted_at.elapsed();
+    let pairs = images.len() * workers(&cluster).len();
+    wait_no_pull_pods(&client, ns.name(), Duration::from_secs(30)).await?;
+    let pods = log.pods_in(ns.name()).len();
+    ensure!(pods == pairs, "{pods} pull pods for {pairs} pairs");
+    record(
+        "5 zero-pod quota",
+        &[
+            ("attempts_before_failed", attempts.to_string()),
+            (
+                "ready_after_quota_deleted",
+                format!("{} (retry_after {RETRY_AFTER}s)", secs(ready)),
+            ),
+            ("pods_created", format!("{pods} for {pairs} pairs")),
+            ("pods_left", "0".into()),
+            ("others", others),
+            ("message", format!("{message:?}")),
+        ],
+    );
+    ns.cleanup().await?;
+    Ok(())
 }

@@ -68,6 +68,13 @@ pub fn is_server_unavailable(error: &kube::Error) -> bool {
     }
 }
 
+/// True when RBAC refused the request (`User "x" cannot create resource
+/// "pods" ...`): the grant is missing, which says nothing about the request
+/// itself. Other 403s (an exceeded ResourceQuota, PodSecurity) are not.
+pub fn is_rbac_refusal(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(status) if status.code == 403 && status.message.contains(" cannot "))
+}
+
 /// A short, readable text for a client error: the server's message when it
 /// answered, the innermost cause otherwise (connection refused, TLS, ...).
 pub fn describe_kube_error(error: &kube::Error) -> String {
@@ -118,5 +125,23 @@ mod tests {
         }
         let refused = kube::Error::Service("tcp connect error: Connection refused".into());
         assert!(is_server_unavailable(&refused));
+    }
+
+    #[test]
+    fn rbac_refusals_are_told_from_other_forbidden_answers() {
+        let rbac = |message: &str| {
+            kube::Error::Api(
+                kube::core::Status::failure(message, "Forbidden")
+                    .with_code(403)
+                    .boxed(),
+            )
+        };
+        assert!(is_rbac_refusal(&rbac(
+            r#"pods is forbidden: User "operator" cannot create resource "pods" in API group "" in the namespace "ns""#
+        )));
+        assert!(!is_rbac_refusal(&rbac(
+            r#"pods "p" is forbidden: exceeded quota: no-pods, requested: pods=1, used: pods=0, limited: pods=0"#
+        )));
+        assert!(!is_rbac_refusal(&api_error(500)));
     }
 }

@@ -841,3 +841,102 @@ async fn zero_pod_quota_is_shown_retried_and_blocks_no_other_namespace() -> Resu
     ns.cleanup().await?;
     Ok(())
 }
+
+/// Case 6: RBAC revoked mid-run (the ClusterRoleBinding of the shipped rules
+/// deleted) and restored 15 s later: the cluster shows Forbidden with what
+/// is missing, and recovers without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection (minutes): make test-faults"]
+async fn rbac_revoked_mid_run_shows_forbidden_and_recovers() -> Result<()> {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    use kube::api::{DeleteParams, PostParams};
+    let _serial = setup().await;
+    let base = baseline().await?;
+    let clusters = support::cluster_names();
+    let cluster = clusters[1].clone();
+    let target = format!("{cluster}-operator");
+    let sim = support::sim().await;
+    let admin = support::client(&cluster).await;
+    // A run killed before its cleanup leaves its grant behind: sweep it.
+    delete_rbac(&admin, None).await?;
+    let name = support::unique_name("kube-prefetch-faults-rbac");
+    let rbac_cleanup = {
+        let name = name.clone();
+        support::Cleanup::new(&cluster, format!("RBAC {name}"), move |client| async move {
+            delete_rbac(&client, Some(&name)).await
+        })
+    };
+    let (role, binding) = granted_to_operator(shipped_rbac()?, &name);
+    let roles: Api<ClusterRole> = Api::all(admin.clone());
+    let bindings: Api<ClusterRoleBinding> = Api::all(admin.clone());
+    roles.create(&PostParams::default(), &role).await?;
+    bindings.create(&PostParams::default(), &binding).await?;
+
+    let kubeconfig_toml = format!(
+        "[[kubeconfig]]\npath = {:?}\n\n[[kubeconfig]]\npath = {:?}\ncontexts = [{:?}, {:?}]\n",
+        sim.operator_kubeconfig(&cluster).display().to_string(),
+        support::kubeconfig_path().display().to_string(),
+        clusters[0],
+        clusters[2],
+    );
+    let orchestrator = Orchestrator::start("faults-rbac", options(Some(kubeconfig_toml))).await?;
+    wait_connected(&orchestrator, &target).await?;
+    let run = Fanout::create(&cluster, "rbac", images("rbac", 40)).await?;
+    support::wait_for("a quarter of the pulls", READY_TIMEOUT, || {
+        let seen = run.pods_seen();
+        async move { Ok((seen >= 30).then_some(())) }
+    })
+    .await?;
+    bindings.delete(&name, &DeleteParams::default()).await?;
+    let revoked_at = Instant::now();
+    let controls = controls_beside(&cluster).await?;
+    let what = support::wait_for(
+        &format!("{target} Forbidden in /api/v1/status"),
+        Duration::from_secs(60),
+        || async {
+            Ok(match health_of(&orchestrator.status().await?, &target) {
+                Some(ClusterHealth::Forbidden { what }) => Some(what),
+                _ => None,
+            })
+        },
+    )
+    .await?;
+    let noticed = revoked_at.elapsed();
+    ensure!(
+        what.contains("User \"operator\" cannot"),
+        "Forbidden names who may not do what: {what}"
+    );
+    tokio::time::sleep(Duration::from_secs(15).saturating_sub(revoked_at.elapsed())).await;
+    ensure!(
+        run.status().await?.phase != Some(Phase::Ready),
+        "the fan-out finished before RBAC was restored: make it bigger"
+    );
+    let mut binding = binding;
+    binding.metadata.resource_version = None;
+    bindings.create(&PostParams::default(), &binding).await?;
+    let restored_at = Instant::now();
+    let recovered = run.wait_ready(restored_at).await?;
+    wait_connected(&orchestrator, &target).await?;
+    let others = finish_controls(&orchestrator, controls, base).await?;
+    let seen = run
+        .check_done(created(&orchestrator, &target).await?)
+        .await?;
+    record(
+        "6 RBAC revoked",
+        &[
+            ("pulls", run.pairs.len().to_string()),
+            ("forbidden_shown_after", secs(noticed)),
+            ("ready_after_restore", secs(recovered)),
+            (
+                "pods_created",
+                format!("{seen} for {} pairs", run.pairs.len()),
+            ),
+            ("pods_left", "0".into()),
+            ("others", others),
+            ("what", format!("{what:?}")),
+        ],
+    );
+    run.cleanup().await?;
+    rbac_cleanup.run().await?;
+    Ok(())
+}

@@ -116,6 +116,9 @@ pub struct ClusterActor {
     /// etcd is down, say, which no watch shows, as the API server serves
     /// them from its cache.
     not_ready: bool,
+    /// RBAC refused a pull pod create: Forbidden until one is allowed (a
+    /// watch set up before the grant was revoked goes on working).
+    write_refused: bool,
 }
 
 /// How often a connected cluster's `/readyz` is asked.
@@ -152,6 +155,7 @@ impl ClusterActor {
             last_health: None,
             version: String::new(),
             not_ready: false,
+            write_refused: false,
         }
     }
 
@@ -1105,6 +1109,40 @@ impl Handler<Readyz> for ClusterActor {
     }
 }
 
+/// RBAC refused a pull pod create; `what` is the API server's message.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct WriteRefused {
+    pub what: String,
+}
+
+/// A pull pod create went through.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct WriteAllowed;
+
+impl Handler<WriteRefused> for ClusterActor {
+    type Result = ();
+    fn handle(&mut self, msg: WriteRefused, _: &mut Self::Context) {
+        let _span = self.span.clone().entered();
+        self.write_refused = true;
+        self.report(ClusterHealth::Forbidden {
+            what: format!("{}; apply deploy/target/rbac.yaml", msg.what),
+        });
+    }
+}
+
+impl Handler<WriteAllowed> for ClusterActor {
+    type Result = ();
+    fn handle(&mut self, _: WriteAllowed, _: &mut Self::Context) {
+        if self.write_refused {
+            let _span = self.span.clone().entered();
+            self.write_refused = false;
+            self.mark_healthy();
+        }
+    }
+}
+
 impl ClusterActor {
     /// A watch delivered an event again after failing: the cluster is back.
     fn mark_healthy(&mut self) {
@@ -1113,7 +1151,7 @@ impl ClusterActor {
             Some(ClusterHealth::Unreachable { .. } | ClusterHealth::Forbidden { .. })
         );
         // Watches served from the API server's cache say nothing of its etcd.
-        if was_down && self.shared.is_some() && !self.not_ready {
+        if was_down && self.shared.is_some() && !self.not_ready && !self.write_refused {
             let version = self.version.clone();
             self.report(ClusterHealth::Connected { version });
         }

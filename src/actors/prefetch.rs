@@ -18,14 +18,16 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::actors::cluster::{AdoptSlot, ClusterContext, ReleaseSlot, RequestSlots};
+use crate::actors::cluster::{
+    AdoptSlot, ClusterContext, ReleaseSlot, RequestSlots, WriteAllowed, WriteRefused,
+};
 use crate::actors::status::{PrefetchGone, PrefetchReported, PrefetchSummary};
 use crate::actors::{delete_pull_pod, delete_pull_pod_until_gone};
 use crate::api::{
     Condition, MAX_PULL_TIMEOUT_SECONDS, MAX_RETRY_AFTER_SECONDS, Phase, Prefetch, PrefetchStatus,
     VerifiedRecord,
 };
-use crate::error::{api_status_code, describe_kube_error, is_server_unavailable};
+use crate::error::{api_status_code, describe_kube_error, is_rbac_refusal, is_server_unavailable};
 use crate::pull::index::{NodeChange, WorkloadEntry, targeting_of};
 use crate::pull::outcome::classify;
 use crate::pull::plan::{DesiredSet, ExtraImages, PairKey, Planner};
@@ -410,6 +412,7 @@ impl PrefetchActor {
                 match result {
                     Ok(created) => {
                         actor.shared.metrics.pull_created(&actor.shared.cluster);
+                        actor.shared.cluster_actor.do_send(WriteAllowed);
                         if let Some(uid) = created.uid() {
                             actor.tracker.bind_uid(&key, &pod_name, &uid);
                         }
@@ -421,12 +424,17 @@ impl PrefetchActor {
                         debug!(pod = %pod_name, "pull pod already exists; looking it up");
                         actor.look_up_existing(key, pod_name, target.namespace, ctx);
                     }
-                    // The API server is down or overloaded: that is the
-                    // cluster's state (its health says so), not a failed
-                    // pull, so no attempt is counted; try again later.
-                    Err(error) if is_server_unavailable(&error) => {
+                    // The API server is down or overloaded, or RBAC
+                    // refuses us: that is the cluster's state (its health
+                    // says so), not a failed pull, so no attempt is
+                    // counted; try again later.
+                    Err(error) if is_server_unavailable(&error) || is_rbac_refusal(&error) => {
                         let delay = actor.tracker.policy().delay_after(1);
-                        warn!(node = %key.node, image = %key.image, error = %describe_kube_error(&error), ?delay, "API server unavailable while creating pull pod; not counted as an attempt, retrying");
+                        let message = describe_kube_error(&error);
+                        warn!(node = %key.node, image = %key.image, error = %message, ?delay, "cluster refused or could not create the pull pod; not counted as an attempt, retrying");
+                        if is_rbac_refusal(&error) {
+                            actor.shared.cluster_actor.do_send(WriteRefused { what: message });
+                        }
                         actor.release_slot(&key.node);
                         actor.tracker.on_create_conflict(&key, Instant::now(), delay);
                         actor.schedule_wakeup(ctx);

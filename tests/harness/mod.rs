@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Subject};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, CustomResourceExt, ResourceExt};
 use kube_prefetch::actors::status::{ClusterHealth, StatusView};
@@ -692,9 +693,7 @@ pub fn delete_nodes_later(cluster: &str, names: Vec<String>) -> support::Cleanup
         move |client| async move {
             let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client);
             for name in names {
-                let _ = nodes
-                    .delete(&name, &kube::api::DeleteParams::default())
-                    .await;
+                let _ = nodes.delete(&name, &DeleteParams::default()).await;
             }
             Ok(())
         },
@@ -718,4 +717,115 @@ pub fn fake_node(name: &str, arch: &str, extra_spec: serde_json::Value) -> serde
         },
         "spec": extra_spec,
     })
+}
+
+pub const RBAC_YAML: &str = "deploy/target/rbac.yaml";
+/// Marks the RBAC objects this test creates, so a run that was killed
+/// before its cleanup is swept up by the next one.
+pub const TEST_LABEL: &str = "kube-prefetch.test/rbac";
+/// The one ClusterRole and the one ClusterRoleBinding of the shipped file.
+pub fn shipped_rbac() -> Result<(ClusterRole, ClusterRoleBinding)> {
+    let path = support::repo_root().join(RBAC_YAML);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let documents: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(&text).with_context(|| format!("parsing {RBAC_YAML}"))?;
+    let mut roles = Vec::new();
+    let mut bindings = Vec::new();
+    for document in documents.into_iter().filter(|d| !d.is_null()) {
+        match document["kind"].as_str() {
+            Some("ClusterRole") => roles.push(serde_json::from_value::<ClusterRole>(document)?),
+            Some("ClusterRoleBinding") => {
+                bindings.push(serde_json::from_value::<ClusterRoleBinding>(document)?)
+            }
+            other => bail!("{RBAC_YAML}: unexpected document of kind {other:?}"),
+        }
+    }
+    let ([role], [binding]) = (roles.as_slice(), bindings.as_slice()) else {
+        bail!(
+            "{RBAC_YAML} should hold one ClusterRole and one ClusterRoleBinding, not {} and {}",
+            roles.len(),
+            bindings.len()
+        );
+    };
+    anyhow::ensure!(
+        binding.role_ref.kind == "ClusterRole" && binding.role_ref.name == role.name_any(),
+        "{RBAC_YAML}: the binding refers to {} {}, not to the ClusterRole {} of the file",
+        binding.role_ref.kind,
+        binding.role_ref.name,
+        role.name_any()
+    );
+    anyhow::ensure!(
+        !role.rules.clone().unwrap_or_default().is_empty(),
+        "{RBAC_YAML}: the ClusterRole has no rules"
+    );
+    Ok((role.clone(), binding.clone()))
+}
+
+/// The shipped objects under a unique name, bound to the user `operator`;
+/// the rules are left exactly as shipped.
+pub fn granted_to_operator(
+    (mut role, mut binding): (ClusterRole, ClusterRoleBinding),
+    name: &str,
+) -> (ClusterRole, ClusterRoleBinding) {
+    for metadata in [&mut role.metadata, &mut binding.metadata] {
+        metadata.name = Some(name.to_string());
+        metadata
+            .labels
+            .get_or_insert_default()
+            .insert(TEST_LABEL.to_string(), "true".to_string());
+    }
+    binding.role_ref.name = name.to_string();
+    binding.subjects = Some(vec![Subject {
+        api_group: Some("rbac.authorization.k8s.io".into()),
+        kind: "User".into(),
+        name: "operator".into(),
+        namespace: None,
+    }]);
+    (role, binding)
+}
+
+/// Deletes the test's RBAC objects (all of them, or those of one run) and
+/// waits until they are gone.
+pub async fn delete_rbac(client: &Client, name: Option<&str>) -> Result<()> {
+    let roles: Api<ClusterRole> = Api::all(client.clone());
+    let bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
+    let mut params = ListParams::default().labels(&format!("{TEST_LABEL}=true"));
+    if let Some(name) = name {
+        params = params.fields(&format!("metadata.name={name}"));
+    }
+    bindings
+        .delete_collection(&DeleteParams::default(), &params)
+        .await
+        .context("deleting ClusterRoleBindings")?;
+    roles
+        .delete_collection(&DeleteParams::default(), &params)
+        .await
+        .context("deleting ClusterRoles")?;
+    let (roles, bindings, params) = (&roles, &bindings, &params);
+    support::wait_for(
+        "the test's ClusterRole(s) and ClusterRoleBinding(s) to be gone",
+        support::DEFAULT_TIMEOUT,
+        move || async move {
+            let left: Vec<String> = bindings
+                .list(params)
+                .await?
+                .iter()
+                .map(|b| format!("ClusterRoleBinding {}", b.name_any()))
+                .chain(
+                    roles
+                        .list(params)
+                        .await?
+                        .iter()
+                        .map(|r| format!("ClusterRole {}", r.name_any())),
+                )
+                .collect();
+            if left.is_empty() {
+                Ok(Some(()))
+            } else {
+                bail!("still there: {left:?}")
+            }
+        },
+    )
+    .await
 }

@@ -33,8 +33,7 @@ use tokio::sync::OnceCell;
 
 /// Pull slots wide enough that a fan-out of hundreds of pulls takes a
 /// minute or so on the sim's three workers, not ten.
-const DEFAULTS_TOML: &str =
-    "max_parallel_per_node = 20\nmax_parallel_per_cluster = 60\napi_qps = 50.0";
+const DEFAULTS_TOML: &str = "max_parallel_per_node = 20\nmax_parallel_per_cluster = 60\nmax_parallel_per_prefetch = 60\napi_qps = 50.0";
 /// Images of the Prefetch on each cluster that is not broken (× 3 workers).
 const CONTROL_IMAGES: usize = 10;
 /// The margin on the other clusters' time to READY.
@@ -938,5 +937,86 @@ async fn rbac_revoked_mid_run_shows_forbidden_and_recovers() -> Result<()> {
     );
     run.cleanup().await?;
     rbac_cleanup.run().await?;
+    Ok(())
+}
+
+/// Case 4: two replicas with leader election; the leader is SIGKILLed while
+/// a fan-out of slow (30 s) pulls is in flight. The standby takes over once
+/// the Lease expires, adopts every pull pod in flight (creates none of its
+/// own for them) and finishes the fan-out. (One process SIGKILLed and
+/// restarted: tests/orchestrator.rs, restart_after_sigkill_adopts_in_flight_pods.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection (minutes): make test-faults"]
+async fn leader_killed_mid_fan_out_standby_adopts_and_finishes() -> Result<()> {
+    let _serial = setup().await;
+    let clusters = support::cluster_names();
+    let home = support::TestNamespace::create(&clusters[0], "lease").await?;
+    let leader_options = Options {
+        extra_toml: format!(
+            "[leader_election]\nenabled = true\nnamespace = \"{}\"\nlease_name = \"kube-prefetch\"\n",
+            home.name()
+        ),
+        env: vec![(
+            "KUBECONFIG".to_string(),
+            support::kubeconfig_path().display().to_string(),
+        )],
+        ..options(None)
+    };
+    let mut leader = Orchestrator::start("faults-leader", leader_options.clone()).await?;
+    support::wait_for("the first replica to lead", Duration::from_secs(30), || {
+        let leads = !log_lines_with(&leader.log_path, "became the leader").is_empty();
+        async move { Ok(leads.then_some(())) }
+    })
+    .await?;
+    let standby = Orchestrator::start("faults-standby", leader_options).await?;
+    // 9 pairs: all in flight at once.
+    let slow: Vec<String> = (1..=3)
+        .map(|i| format!("slow.invalid/leader/app{i}:1"))
+        .collect();
+    let run = Fanout::create(&clusters[1], "leader", slow).await?;
+    let pairs = run.pairs.len();
+    support::wait_for("every slow pull in flight", Duration::from_secs(60), || {
+        let pods = run.log.pods_in(run.ns.name());
+        let in_flight = pods.len() == pairs && pods.iter().all(|p| !p.deleted);
+        async move { Ok(in_flight.then_some(())) }
+    })
+    .await?;
+    leader.kill();
+    let killed_at = Instant::now();
+    support::wait_for("the standby to lead", Duration::from_secs(60), || {
+        let leads = !log_lines_with(&standby.log_path, "became the leader").is_empty();
+        async move { Ok(leads.then_some(())) }
+    })
+    .await?;
+    let took_over = killed_at.elapsed();
+    let ready = run.wait_ready(killed_at).await?;
+    let standby_created = created(&standby, &clusters[1]).await?;
+    let adopted = log_lines_with(&standby.log_path, "adopted existing pull pod").len();
+    ensure!(
+        standby_created == 0.0 && adopted == pairs,
+        "the standby adopted {adopted} of {pairs} pods in flight and created {standby_created}"
+    );
+    // Each pair was created once, all of them by the dead leader.
+    let seen = run.check_done(pairs as f64).await?;
+    ensure!(seen == pairs, "{seen} pull pods for {pairs} pairs");
+    record(
+        "4 leader killed",
+        &[
+            ("pulls_in_flight_at_kill", pairs.to_string()),
+            ("standby_led_after", secs(took_over)),
+            (
+                "ready_after_kill",
+                format!("{} (pulls take ~30 s)", secs(ready)),
+            ),
+            (
+                "pods_created",
+                format!("{seen} for {pairs} pairs, {adopted} adopted"),
+            ),
+            ("pods_left", "0".into()),
+        ],
+    );
+    drop(standby);
+    run.cleanup().await?;
+    home.cleanup().await?;
     Ok(())
 }

@@ -2,9 +2,9 @@
 //! the middle of a fan-out while the others work, and each test asserts
 //! what the issue promises:
 //! - once the fault is gone the work completes (the Prefetch is READY);
-//! - no pull pod is created twice for the same (node, image): every pair is
-//!   created once (the process's own count, `kube_prefetch_pull_pods_created_total`,
-//!   and the pods a test watch saw);
+//! - no pull pod is created twice for the same (node, image): the process
+//!   created at most one a pair (`kube_prefetch_pull_pods_created_total`)
+//!   and a test watch saw no pair with two pods;
 //! - no pull pod is left behind;
 //! - the other clusters' Prefetches finish within [`SLOWDOWN_FACTOR`] ×
 //!   their time without any fault + [`SLOWDOWN_SLACK`];
@@ -143,8 +143,8 @@ impl Fanout {
     }
 
     /// After READY: every pair pulled, none by two pods, no pod left.
-    /// `created` is what kube-prefetch counted for the cluster; it must be
-    /// one pod a pair. Returns the pods seen by the test's own watch.
+    /// `created` is what kube-prefetch counted for the cluster; at most one
+    /// pod a pair. Returns the pods seen by the test's own watch.
     async fn check_done(&self, created: f64) -> Result<usize> {
         let status = self.status().await?;
         ensure!(
@@ -168,8 +168,11 @@ impl Fanout {
             "{}: pairs with more than one pull pod: {twice:?}",
             self.cluster
         );
+        // At most one create a pair went through. Fewer when the answer to
+        // a create was lost (the API server killed mid-request): the pod is
+        // then found by its name (409) and adopted, not created again.
         ensure!(
-            created as usize == self.pairs.len(),
+            created as usize <= self.pairs.len(),
             "{}: kube-prefetch created {created} pull pods for {} pairs",
             self.cluster,
             self.pairs.len()
@@ -389,6 +392,12 @@ async fn unreachable_clusters_recover_when_their_port_opens() -> Result<()> {
         "3 unreachable",
         &[
             ("dead_at_start_ready_after_open", secs(dead_recovered)),
+            (
+                "found_by_name_after_a_lost_answer",
+                log_lines_with(&orchestrator.log_path, "adopted existing pull pod")
+                    .len()
+                    .to_string(),
+            ),
             ("cut_noticed_after", secs(noticed)),
             ("cut_ready_after_reopen", secs(cut_recovered)),
             (
@@ -524,7 +533,13 @@ async fn daemon_outage(
             ("down_for", secs(down_for)),
             ("noticed_after", secs(noticed)),
             ("ready_after_restart", secs(recovered)),
-            ("pods_created", format!("{created} (test watch saw {seen})")),
+            (
+                "pods_created",
+                format!(
+                    "{created} + {} found by name after a lost answer (test watch saw {seen})",
+                    log_lines_with(&orchestrator.log_path, "adopted existing pull pod").len()
+                ),
+            ),
             ("pods_left", "0".into()),
             ("others", others),
             ("reason", format!("{reason:?}")),
@@ -951,17 +966,7 @@ async fn leader_killed_mid_fan_out_standby_adopts_and_finishes() -> Result<()> {
     let _serial = setup().await;
     let clusters = support::cluster_names();
     let home = support::TestNamespace::create(&clusters[0], "lease").await?;
-    let leader_options = Options {
-        extra_toml: format!(
-            "[leader_election]\nenabled = true\nnamespace = \"{}\"\nlease_name = \"kube-prefetch\"\n",
-            home.name()
-        ),
-        env: vec![(
-            "KUBECONFIG".to_string(),
-            support::kubeconfig_path().display().to_string(),
-        )],
-        ..options(None)
-    };
+    let leader_options = options(None).with_leader_election(home.name());
     let mut leader = Orchestrator::start("faults-leader", leader_options.clone()).await?;
     support::wait_for("the first replica to lead", Duration::from_secs(30), || {
         let leads = !log_lines_with(&leader.log_path, "became the leader").is_empty();

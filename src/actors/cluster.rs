@@ -277,6 +277,11 @@ impl ClusterActor {
                 while let Some(item) = stream.next().await {
                     match item {
                         Ok(event) => addr.do_send(wrap(event)),
+                        // 410 Expired (e.g. after an API server restart):
+                        // the watcher lists again at once; nothing is wrong.
+                        Err(error) if watch_error_code(&error) == Some(410) => {
+                            debug!(watch = what, error = %describe_watch_error(&error), "watch expired; listing again");
+                        }
                         Err(error) => addr.do_send::<WatchFailed>(WatchFailed {
                             what,
                             forbidden: watch_error_code(&error) == Some(403),
@@ -803,6 +808,7 @@ fn watch_error_code(error: &watcher::Error) -> Option<u16> {
         watcher::Error::InitialListFailed(source)
         | watcher::Error::WatchStartFailed(source)
         | watcher::Error::WatchFailed(source) => api_status_code(source),
+        watcher::Error::WatchError(status) => Some(status.code),
         _ => None,
     }
 }

@@ -1175,6 +1175,37 @@ impl Handler<Shutdown> for PrefetchActor {
 mod tests {
     use super::*;
 
+    fn pod_created_at(at: Timestamp) -> Pod {
+        let mut pod = Pod::default();
+        pod.metadata.creation_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at));
+        pod
+    }
+
+    /// Issue 9, case 9: an adopted pod's deadline comes from its creation
+    /// timestamp, which the API server's clock wrote.
+    #[test]
+    fn adopted_deadline_with_a_server_clock_a_minute_ahead_is_not_shortened() {
+        let allowed = Duration::from_secs(40);
+        let minute = k8s_openapi::jiff::SignedDuration::from_secs(60);
+        // Created "in the future": not older than zero, so the whole deadline.
+        let ahead = pod_created_at(Timestamp::now() + minute);
+        let deadline = adopted_deadline(&ahead, allowed);
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            left > Duration::from_secs(39) && left <= allowed,
+            "{left:?}"
+        );
+        // A pod really 20 s old has 20 s left.
+        let older =
+            pod_created_at(Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(20));
+        let left = adopted_deadline(&older, allowed).saturating_duration_since(Instant::now());
+        assert!(
+            left > Duration::from_secs(19) && left <= Duration::from_secs(20),
+            "{left:?}"
+        );
+    }
+
     #[test]
     fn failed_status_writes_back_off_up_to_a_minute() {
         let debounce = Duration::from_millis(500);

@@ -103,6 +103,23 @@ impl Default for Options {
     }
 }
 
+impl Options {
+    /// These options with leader election on: the Lease `kube-prefetch` in
+    /// `namespace` of the sim kubeconfig's current context (sim-1).
+    pub fn with_leader_election(self, namespace: &str) -> Options {
+        Options {
+            extra_toml: format!(
+                "[leader_election]\nenabled = true\nnamespace = \"{namespace}\"\nlease_name = \"kube-prefetch\"\n"
+            ),
+            env: vec![(
+                "KUBECONFIG".to_string(),
+                support::kubeconfig_path().display().to_string(),
+            )],
+            ..self
+        }
+    }
+}
+
 /// A running `kube-prefetch run` process.
 pub struct Orchestrator {
     child: Option<std::process::Child>,

@@ -41,7 +41,17 @@ async fn only_the_leader_works_and_a_standby_takes_over() -> Result<()> {
     )
     .await?;
     let second = Orchestrator::start("leader-second", options).await?;
-    assert!(!log_lines_with(&second.log_path, "waiting to become the leader").is_empty());
+    // Ready (HTTP up) comes before its first look at the Lease.
+    support::wait_for(
+        "the second instance to wait",
+        Duration::from_secs(10),
+        || {
+            let waits =
+                !log_lines_with(&second.log_path, "waiting to become the leader").is_empty();
+            async move { Ok(waits.then_some(())) }
+        },
+    )
+    .await?;
 
     let prefetches = work.api::<Prefetch>();
     apply(&prefetches, prefetch("one", "busybox:1.36")).await?;

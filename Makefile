@@ -21,7 +21,7 @@ CARGO ?= cargo
 # line below uses the same features, so nothing is compiled twice.
 TEST_FEATURES := --features test-hooks
 
-.PHONY: demo lint sim-build sim-up sim-down test
+.PHONY: demo lint sim-build sim-up sim-down test test-faults
 
 ## Build, start $(SIM_CLUSTERS) simulated clusters, install the CRD and the
 ## examples in each, and run kube-prefetch on all of them in the foreground,
@@ -45,6 +45,17 @@ sim-up: sim-build
 sim-down:
 	clusters/sim/down
 
+# Fault tests left out of `make test-faults` until their known problem is
+# fixed (see RELIABILITY.md); run one by hand with its name.
+FAULTS_SKIP ?= --skip etcd_killed_mid_fan_out_recovers
+
+## The fault-injection suite (tests/faults.rs, RELIABILITY.md): breaks one
+## sim cluster's API server, etcd, network or RBAC mid-fan-out while the
+## others work. Needs running sim clusters (starts them if not); a few minutes.
+test-faults:
+	clusters/sim/up --clusters $(SIM_CLUSTERS) --nodes $(SIM_NODES)
+	$(CARGO) test $(TEST_FEATURES) --test faults -- --ignored --test-threads 1 --nocapture $(FAULTS_SKIP)
+
 ## Format and lint checks, then every test against fresh simulated clusters:
 ## first on fake (KWOK) nodes, then the real-node tests with real kubelets
 ## added to sim-1. The clusters are stopped at the end whatever happens; the
@@ -58,6 +69,7 @@ test:
 	deploy/install-browser.sh; \
 	clusters/sim/up --clusters $(SIM_CLUSTERS) --nodes $(SIM_NODES); \
 	$(CARGO) test $(TEST_FEATURES); \
+	$(MAKE) --no-print-directory test-faults; \
 	clusters/sim/up --clusters $(SIM_CLUSTERS) --nodes $(SIM_NODES) --real-nodes $(SIM_REAL_NODES); \
 	$(CARGO) test $(TEST_FEATURES) --test real_nodes -- --ignored --test-threads 1 --nocapture; \
 	$(CARGO) test $(TEST_FEATURES) --test sim_down -- --ignored --test-threads 1; \

@@ -21,7 +21,7 @@ if [ ! -x "$tools/venv/bin/hadolint" ]; then
 fi
 
 scripts=(clusters/sim/build clusters/sim/up clusters/sim/down clusters/sim/kubectl
-  clusters/sim/check-ports clusters/sim/lib.sh clusters/sim/real.sh clusters/sim/push-image
+  clusters/sim/check-ports clusters/sim/daemon clusters/sim/lib.sh clusters/sim/real.sh clusters/sim/push-image
   deploy/demo.sh deploy/lint.sh
   benches/fanout.sh .ci/run)
 echo "lint: shellcheck ${#scripts[@]} scripts"

@@ -28,8 +28,8 @@ use crate::error::{api_status_code, describe_kube_error};
 use crate::leader::WriteGate;
 use crate::metrics::Metrics;
 use crate::pull::explain::{Explanation, VerifiedInput, explain};
-use crate::pull::plan::{ExtraImages, Planner};
 use crate::pull::namespaces::{NamespacePolicy, PREFETCH_FROM_ANNOTATION};
+use crate::pull::plan::{ExtraImages, Planner};
 use crate::pull::targeting::{NodeTargeting, NodeView};
 use crate::pull::workload::{PodTemplated, WorkloadImages};
 

@@ -35,17 +35,7 @@ async fn only_the_leader_works_and_a_standby_takes_over() -> Result<()> {
     let home = support::TestNamespace::create(&clusters[0], "lease").await?;
     let work = support::TestNamespace::create(&clusters[1], "leader").await?;
     let log = PodLog::start(work.client()).await?;
-    let options = Options {
-        extra_toml: format!(
-            "[leader_election]\nenabled = true\nnamespace = \"{}\"\nlease_name = \"kube-prefetch\"\n",
-            home.name()
-        ),
-        env: vec![(
-            "KUBECONFIG".to_string(),
-            support::kubeconfig_path().display().to_string(),
-        )],
-        ..Options::default()
-    };
+    let options = Options::default().with_leader_election(home.name());
     let mut first = Orchestrator::start("leader-first", options.clone()).await?;
     support::wait_for(
         "the first instance to lead",

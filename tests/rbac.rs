@@ -25,16 +25,12 @@ use k8s_openapi::api::authorization::v1::{
 use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::Event;
 use k8s_openapi::api::events::v1::Event as EventsV1;
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Subject};
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use kube::{Client, ResourceExt};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use kube::Client;
+use kube::api::{Api, ListParams, PostParams};
 use kube_prefetch::api::{Phase, Prefetch};
 use serde_json::json;
 
-const RBAC_YAML: &str = "deploy/target/rbac.yaml";
-/// Marks the RBAC objects this test creates, so a run that was killed
-/// before its cleanup is swept up by the next one.
-const TEST_LABEL: &str = "kube-prefetch.test/rbac";
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 /// A failed pull is judged about a second after its pod starts and retried
 /// after a few more (backoff 1 s, x4).
@@ -42,113 +38,6 @@ const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
 const HEALTHY_IMAGE: &str = "busybox:1.36";
 const CRONJOB_IMAGE: &str = "alpine:3.20";
 const FAILING_IMAGE: &str = "fail.invalid/y:1";
-
-/// The one ClusterRole and the one ClusterRoleBinding of the shipped file.
-fn shipped_rbac() -> Result<(ClusterRole, ClusterRoleBinding)> {
-    let path = support::repo_root().join(RBAC_YAML);
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let documents: Vec<serde_json::Value> =
-        serde_saphyr::from_multiple(&text).with_context(|| format!("parsing {RBAC_YAML}"))?;
-    let mut roles = Vec::new();
-    let mut bindings = Vec::new();
-    for document in documents.into_iter().filter(|d| !d.is_null()) {
-        match document["kind"].as_str() {
-            Some("ClusterRole") => roles.push(serde_json::from_value::<ClusterRole>(document)?),
-            Some("ClusterRoleBinding") => {
-                bindings.push(serde_json::from_value::<ClusterRoleBinding>(document)?)
-            }
-            other => bail!("{RBAC_YAML}: unexpected document of kind {other:?}"),
-        }
-    }
-    let ([role], [binding]) = (roles.as_slice(), bindings.as_slice()) else {
-        bail!(
-            "{RBAC_YAML} should hold one ClusterRole and one ClusterRoleBinding, not {} and {}",
-            roles.len(),
-            bindings.len()
-        );
-    };
-    ensure!(
-        binding.role_ref.kind == "ClusterRole" && binding.role_ref.name == role.name_any(),
-        "{RBAC_YAML}: the binding refers to {} {}, not to the ClusterRole {} of the file",
-        binding.role_ref.kind,
-        binding.role_ref.name,
-        role.name_any()
-    );
-    ensure!(
-        !role.rules.clone().unwrap_or_default().is_empty(),
-        "{RBAC_YAML}: the ClusterRole has no rules"
-    );
-    Ok((role.clone(), binding.clone()))
-}
-
-/// The shipped objects under a unique name, bound to the user `operator`;
-/// the rules are left exactly as shipped.
-fn granted_to_operator(
-    (mut role, mut binding): (ClusterRole, ClusterRoleBinding),
-    name: &str,
-) -> (ClusterRole, ClusterRoleBinding) {
-    for metadata in [&mut role.metadata, &mut binding.metadata] {
-        metadata.name = Some(name.to_string());
-        metadata
-            .labels
-            .get_or_insert_default()
-            .insert(TEST_LABEL.to_string(), "true".to_string());
-    }
-    binding.role_ref.name = name.to_string();
-    binding.subjects = Some(vec![Subject {
-        api_group: Some("rbac.authorization.k8s.io".into()),
-        kind: "User".into(),
-        name: "operator".into(),
-        namespace: None,
-    }]);
-    (role, binding)
-}
-
-/// Deletes the test's RBAC objects (all of them, or those of one run) and
-/// waits until they are gone.
-async fn delete_rbac(client: &Client, name: Option<&str>) -> Result<()> {
-    let roles: Api<ClusterRole> = Api::all(client.clone());
-    let bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
-    let mut params = ListParams::default().labels(&format!("{TEST_LABEL}=true"));
-    if let Some(name) = name {
-        params = params.fields(&format!("metadata.name={name}"));
-    }
-    bindings
-        .delete_collection(&DeleteParams::default(), &params)
-        .await
-        .context("deleting ClusterRoleBindings")?;
-    roles
-        .delete_collection(&DeleteParams::default(), &params)
-        .await
-        .context("deleting ClusterRoles")?;
-    let (roles, bindings, params) = (&roles, &bindings, &params);
-    support::wait_for(
-        "the test's ClusterRole(s) and ClusterRoleBinding(s) to be gone",
-        support::DEFAULT_TIMEOUT,
-        move || async move {
-            let left: Vec<String> = bindings
-                .list(params)
-                .await?
-                .iter()
-                .map(|b| format!("ClusterRoleBinding {}", b.name_any()))
-                .chain(
-                    roles
-                        .list(params)
-                        .await?
-                        .iter()
-                        .map(|r| format!("ClusterRole {}", r.name_any())),
-                )
-                .collect();
-            if left.is_empty() {
-                Ok(Some(()))
-            } else {
-                bail!("still there: {left:?}")
-            }
-        },
-    )
-    .await
-}
 
 /// Whether `client`'s user may do `verb` on `resource` cluster-wide (in every
 /// namespace, for a namespaced resource), as the API server answers.

@@ -83,6 +83,8 @@ stop_pidfile() { # pidfile timeout_seconds
   pid=$(cat "$file")
   if ! pid_is_ours "$pid"; then rm -f "$file"; return 0; fi
   kill -TERM "$pid" 2>/dev/null || true
+  # One stopped by a fault test (SIGSTOP) must run again to see the TERM.
+  kill -CONT "$pid" 2>/dev/null || true
   while pid_is_ours "$pid"; do
     if [ "$waited" -ge $((timeout * 10)) ]; then
       log "$(basename "$file" .pid) (pid $pid) did not stop after ${timeout}s: sending KILL"
@@ -104,6 +106,18 @@ stop_cluster() { # index
   for ((i = ${#SIM_COMPONENTS[@]} - 1; i >= 0; i--)); do
     stop_pidfile "$dir/${SIM_COMPONENTS[i]}.pid" 20
   done
+}
+
+# Starts a daemon in its own session (so the caller's Ctrl-C or the end of a
+# test run does not reach it) with stdio on its log file, and lets it write its
+# own pid file before exec, so the pid is the daemon's own.
+start_daemon() { # index component binary args...
+  local dir name=$2
+  dir=$(cluster_dir "$1")
+  shift 2
+  # shellcheck disable=SC2016 # $$ and $@ belong to the inner shell
+  setsid bash -c 'echo $$ >"$0"; exec "$@"' "$dir/$name.pid" "$@" \
+    </dev/null >>"$dir/$name.log" 2>&1 9>&- &
 }
 
 # Indices of the clusters that have a directory under the run dir.

@@ -127,7 +127,17 @@ pub struct ClusterActor {
     background: Vec<tokio::task::JoinHandle<()>>,
     last_health: Option<ClusterHealth>,
     version: String,
+    /// The API server answers but says it is not ready (its `/readyz`): its
+    /// etcd is down, say, which no watch shows, as the API server serves
+    /// them from its cache.
+    not_ready: bool,
+    /// RBAC refused a pull pod create: Forbidden until one is allowed (a
+    /// watch set up before the grant was revoked goes on working).
+    write_refused: bool,
 }
+
+/// How often a connected cluster's `/readyz` is asked.
+const READYZ_INTERVAL: Duration = Duration::from_secs(5);
 
 impl ClusterActor {
     pub fn new(
@@ -167,6 +177,8 @@ impl ClusterActor {
             background: Vec::new(),
             last_health: None,
             version: String::new(),
+            not_ready: false,
+            write_refused: false,
         }
     }
 
@@ -264,14 +276,17 @@ impl ClusterActor {
             addr.clone(),
             NamespaceEvent,
         );
-        let pods: Api<Pod> = Api::all(client);
+        let pods: Api<Pod> = Api::all(client.clone());
         self.spawn_watch(
             pods,
             watcher::Config::default().labels(&managed_selector()),
             "pull pods",
-            addr,
+            addr.clone(),
             PodEvent,
         );
+        let span = self.span.clone();
+        self.background
+            .push(actix::spawn(probe_readyz(client, addr).instrument(span)));
     }
 
     /// Runs a watch as a task that forwards every event to this actor; the
@@ -295,6 +310,11 @@ impl ClusterActor {
                 while let Some(item) = stream.next().await {
                     match item {
                         Ok(event) => addr.do_send(wrap(event)),
+                        // 410 Expired (e.g. after an API server restart):
+                        // the watcher lists again at once; nothing is wrong.
+                        Err(error) if watch_error_code(&error) == Some(410) => {
+                            debug!(watch = what, error = %describe_watch_error(&error), "watch expired; listing again");
+                        }
                         Err(error) => addr.do_send::<WatchFailed>(WatchFailed {
                             what,
                             forbidden: watch_error_code(&error) == Some(403),
@@ -846,6 +866,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn failed_readyz_checks_are_named() {
+        let body = "[+]ping ok\n[+]log ok\n[-]etcd failed: reason withheld\n[+]informer-sync ok\nreadyz check failed";
+        assert_eq!(failed_readyz_checks(body), "etcd failed: reason withheld");
+        assert_eq!(
+            failed_readyz_checks(" service unavailable\n"),
+            "service unavailable"
+        );
+    }
+
+    #[test]
     fn request_rate_turns_qps_into_requests_per_period() {
         assert_eq!(request_rate(20.0), Some((20, Duration::from_secs(1))));
         assert_eq!(request_rate(0.5), Some((1, Duration::from_secs(2))));
@@ -860,6 +890,7 @@ fn watch_error_code(error: &watcher::Error) -> Option<u16> {
         watcher::Error::InitialListFailed(source)
         | watcher::Error::WatchStartFailed(source)
         | watcher::Error::WatchFailed(source) => api_status_code(source),
+        watcher::Error::WatchError(status) => Some(status.code),
         _ => None,
     }
 }
@@ -1201,6 +1232,103 @@ impl Handler<PodEvent> for ClusterActor {
     }
 }
 
+/// Asks the API server's `/readyz` every [`READYZ_INTERVAL`] and tells the
+/// actor what it answered. A refused connection is left to the watches.
+async fn probe_readyz(client: Client, addr: Addr<ClusterActor>) {
+    loop {
+        tokio::time::sleep(READYZ_INTERVAL).await;
+        let request = match http::Request::get("/readyz?verbose").body(Vec::new()) {
+            Ok(request) => request,
+            Err(error) => {
+                warn!(%error, "cannot build the /readyz request");
+                return;
+            }
+        };
+        let answer = match client.request_text(request).await {
+            Ok(_) => Readyz(None),
+            Err(kube::Error::Api(status)) => Readyz(Some(failed_readyz_checks(&status.message))),
+            Err(error) => {
+                debug!(error = %describe_kube_error(&error), "/readyz not answered");
+                continue;
+            }
+        };
+        addr.do_send(answer);
+    }
+}
+
+/// The failed checks of a verbose `/readyz` answer (`[-]etcd failed: ...`),
+/// or the whole answer when it names none.
+fn failed_readyz_checks(body: &str) -> String {
+    let failed: Vec<&str> = body
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("[-]"))
+        .collect();
+    if failed.is_empty() {
+        body.trim().to_string()
+    } else {
+        failed.join("; ")
+    }
+}
+
+/// What `/readyz` said: `None` ready, `Some(failed checks)` not.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Readyz(Option<String>);
+
+impl Handler<Readyz> for ClusterActor {
+    type Result = ();
+    fn handle(&mut self, Readyz(failed): Readyz, _: &mut Self::Context) {
+        let _span = self.span.clone().entered();
+        match failed {
+            Some(failed) => {
+                self.not_ready = true;
+                self.report(ClusterHealth::Unreachable {
+                    reason: format!("the API server is not ready (/readyz): {failed}"),
+                });
+            }
+            None if self.not_ready => {
+                self.not_ready = false;
+                self.mark_healthy();
+            }
+            None => {}
+        }
+    }
+}
+
+/// RBAC refused a pull pod create; `what` is the API server's message.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct WriteRefused {
+    pub what: String,
+}
+
+/// A pull pod create went through.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct WriteAllowed;
+
+impl Handler<WriteRefused> for ClusterActor {
+    type Result = ();
+    fn handle(&mut self, msg: WriteRefused, _: &mut Self::Context) {
+        let _span = self.span.clone().entered();
+        self.write_refused = true;
+        self.report(ClusterHealth::Forbidden {
+            what: format!("{}; apply deploy/target/rbac.yaml", msg.what),
+        });
+    }
+}
+
+impl Handler<WriteAllowed> for ClusterActor {
+    type Result = ();
+    fn handle(&mut self, _: WriteAllowed, _: &mut Self::Context) {
+        if self.write_refused {
+            let _span = self.span.clone().entered();
+            self.write_refused = false;
+            self.mark_healthy();
+        }
+    }
+}
+
 impl ClusterActor {
     /// A watch delivered an event again after failing: the cluster is back.
     fn mark_healthy(&mut self) {
@@ -1208,7 +1336,8 @@ impl ClusterActor {
             self.last_health,
             Some(ClusterHealth::Unreachable { .. } | ClusterHealth::Forbidden { .. })
         );
-        if was_down && self.shared.is_some() {
+        // Watches served from the API server's cache say nothing of its etcd.
+        if was_down && self.shared.is_some() && !self.not_ready && !self.write_refused {
             let version = self.version.clone();
             self.report(ClusterHealth::Connected { version });
         }

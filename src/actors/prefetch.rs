@@ -18,13 +18,15 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::actors::cluster::{AdoptSlot, ClusterContext, PairsPlanned, ReleaseSlot, RequestSlots};
+use crate::actors::cluster::{
+    AdoptSlot, ClusterContext, PairsPlanned, ReleaseSlot, RequestSlots, WriteAllowed, WriteRefused,
+};
 use crate::actors::status::{PrefetchGone, PrefetchReported, PrefetchSummary};
 use crate::actors::{delete_pull_pod, delete_pull_pod_until_gone};
 use crate::api::{
     Condition, MAX_PULL_TIMEOUT_SECONDS, Phase, Prefetch, PrefetchStatus, VerifiedRecord,
 };
-use crate::error::{api_status_code, describe_kube_error};
+use crate::error::{api_status_code, describe_kube_error, is_rbac_refusal, is_server_unavailable};
 use crate::pull::index::{NodeChange, WorkloadEntry, targeting_of};
 use crate::pull::limits;
 use crate::pull::outcome::classify;
@@ -451,6 +453,7 @@ impl PrefetchActor {
                 match result {
                     Ok(created) => {
                         actor.shared.metrics.pull_created(&actor.shared.cluster);
+                        actor.shared.cluster_actor.do_send(WriteAllowed);
                         if let Some(uid) = created.uid() {
                             actor.tracker.bind_uid(&key, &pod_name, &uid);
                         }
@@ -461,6 +464,21 @@ impl PrefetchActor {
                     Err(error) if api_status_code(&error) == Some(409) => {
                         debug!(pod = %pod_name, "pull pod already exists; looking it up");
                         actor.look_up_existing(key, pod_name, target.namespace, ctx);
+                    }
+                    // The API server is down or overloaded, or RBAC
+                    // refuses us: that is the cluster's state (its health
+                    // says so), not a failed pull, so no attempt is
+                    // counted; try again later.
+                    Err(error) if is_server_unavailable(&error) || is_rbac_refusal(&error) => {
+                        let delay = actor.tracker.policy().delay_after(1);
+                        let message = describe_kube_error(&error);
+                        warn!(node = %key.node, image = %key.image, error = %message, ?delay, "cluster refused or could not create the pull pod; not counted as an attempt, retrying");
+                        if is_rbac_refusal(&error) {
+                            actor.shared.cluster_actor.do_send(WriteRefused { what: message });
+                        }
+                        actor.release_slot(&key.node);
+                        actor.tracker.on_create_conflict(&key, Instant::now(), delay);
+                        actor.schedule_wakeup(ctx);
                     }
                     Err(error) => {
                         let message = describe_kube_error(&error);
@@ -1240,6 +1258,37 @@ impl Handler<Shutdown> for PrefetchActor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pod_created_at(at: Timestamp) -> Pod {
+        let mut pod = Pod::default();
+        pod.metadata.creation_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at));
+        pod
+    }
+
+    /// Issue 9, case 9: an adopted pod's deadline comes from its creation
+    /// timestamp, which the API server's clock wrote.
+    #[test]
+    fn adopted_deadline_with_a_server_clock_a_minute_ahead_is_not_shortened() {
+        let allowed = Duration::from_secs(40);
+        let minute = k8s_openapi::jiff::SignedDuration::from_secs(60);
+        // Created "in the future": not older than zero, so the whole deadline.
+        let ahead = pod_created_at(Timestamp::now() + minute);
+        let deadline = adopted_deadline(&ahead, allowed);
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            left > Duration::from_secs(39) && left <= allowed,
+            "{left:?}"
+        );
+        // A pod really 20 s old has 20 s left.
+        let older =
+            pod_created_at(Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(20));
+        let left = adopted_deadline(&older, allowed).saturating_duration_since(Instant::now());
+        assert!(
+            left > Duration::from_secs(19) && left <= Duration::from_secs(20),
+            "{left:?}"
+        );
+    }
 
     #[test]
     fn failed_status_writes_back_off_up_to_a_minute() {

@@ -366,9 +366,10 @@ impl Tracker {
         }
     }
 
-    /// Creating the pod failed because one of that name still exists (an
-    /// earlier attempt being deleted): try again after `delay`, without
-    /// counting an attempt.
+    /// Creating the pod failed for a reason that says nothing about the
+    /// pull: one of that name still exists (an earlier attempt being
+    /// deleted), or the API server was unavailable. Try again after `delay`,
+    /// without counting an attempt.
     pub fn on_create_conflict(&mut self, key: &PairKey, now: Instant, delay: Duration) {
         if let Some(pair) = self.pairs.get_mut(key)
             && matches!(pair.status, PairStatus::InFlight { .. })

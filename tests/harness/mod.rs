@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Subject};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, CustomResourceExt, ResourceExt};
 use kube_prefetch::actors::status::{ClusterHealth, StatusView};
@@ -77,6 +78,8 @@ pub struct Options {
     pub backoff_multiplier: f32,
     pub max_attempts: u32,
     pub status_debounce: &'static str,
+    /// More lines of the `[defaults]` table (e.g. `max_parallel_per_node = 5`).
+    pub defaults_toml: String,
     /// Appended to the generated config file (e.g. a `[leader_election]` table).
     pub extra_toml: String,
     /// Extra environment variables of the process.
@@ -97,9 +100,27 @@ impl Default for Options {
             backoff_multiplier: 4.0,
             max_attempts: 3,
             status_debounce: "200ms",
+            defaults_toml: String::new(),
             extra_toml: String::new(),
             env: Vec::new(),
             standby: false,
+        }
+    }
+}
+
+impl Options {
+    /// These options with leader election on: the Lease `kube-prefetch` in
+    /// `namespace` of the sim kubeconfig's current context (sim-1).
+    pub fn with_leader_election(self, namespace: &str) -> Options {
+        Options {
+            extra_toml: format!(
+                "[leader_election]\nenabled = true\nnamespace = \"{namespace}\"\nlease_name = \"kube-prefetch\"\n"
+            ),
+            env: vec![(
+                "KUBECONFIG".to_string(),
+                support::kubeconfig_path().display().to_string(),
+            )],
+            ..self
         }
     }
 }
@@ -156,6 +177,7 @@ listen = "127.0.0.1:{port}"
 
 [defaults]
 status_debounce = "{debounce}"
+{defaults}
 
 [backoff]
 initial = "{initial}"
@@ -179,6 +201,7 @@ helper_image = "{HELPER_IMAGE}"
             cross = options.cross_namespace,
             extra = options.extra_toml,
             debounce = options.status_debounce,
+            defaults = options.defaults_toml,
         );
         let config_path = dir.path().join("kube-prefetch.toml");
         std::fs::write(&config_path, config)?;
@@ -597,20 +620,60 @@ pub fn closed_port_kubeconfig(
 }
 
 impl ClosedPortCluster {
-    /// Relays the port to the real API server from now on.
-    pub async fn open(&self) -> Result<tokio::task::JoinHandle<()>> {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await?;
+    /// Relays the port to the real API server from now on, until the
+    /// returned [`Relay`] is closed or dropped.
+    pub async fn open(&self) -> Result<Relay> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .with_context(|| format!("listening on 127.0.0.1:{}", self.port))?;
         let upstream = self.upstream.clone();
-        Ok(tokio::spawn(async move {
+        let connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let accepted = connections.clone();
+        let listener = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 let upstream = upstream.clone();
-                tokio::spawn(async move {
+                let connection = tokio::spawn(async move {
                     if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }
                 });
+                let mut all = accepted.lock().unwrap_or_else(|e| e.into_inner());
+                all.retain(|c| !c.is_finished());
+                all.push(connection);
             }
-        }))
+        });
+        Ok(Relay {
+            listener,
+            connections,
+        })
+    }
+}
+
+/// The TCP relay of an open [`ClosedPortCluster`].
+pub struct Relay {
+    listener: tokio::task::JoinHandle<()>,
+    connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Relay {
+    /// Closes the port and cuts every connection through it: to a client
+    /// the API server is gone, mid-request and mid-watch.
+    pub fn close(&self) {
+        self.listener.abort();
+        for connection in self
+            .connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            connection.abort();
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -640,6 +703,17 @@ where
     )
     .await
     .with_context(|| format!("applying {name}"))
+}
+
+/// The sum of the samples of metric `name` (in Prometheus text) whose
+/// labels include `cluster="<cluster>"`.
+pub fn metric_sum(metrics: &str, name: &str, cluster: &str) -> f64 {
+    let label = format!("cluster=\"{cluster}\"");
+    metrics
+        .lines()
+        .filter(|line| line.starts_with(name) && line.contains(&label))
+        .filter_map(|line| line.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Status view helpers.
@@ -684,4 +758,177 @@ pub fn log_lines_with(path: &Path, needle: &str) -> Vec<String> {
 
 pub fn ensure(condition: bool, message: impl FnOnce() -> String) -> Result<()> {
     if condition { Ok(()) } else { bail!(message()) }
+}
+
+/// Waits until KWOK reports every named node Ready; returns when it saw that.
+pub async fn wait_nodes_ready(
+    nodes: &Api<k8s_openapi::api::core::v1::Node>,
+    names: Vec<String>,
+) -> Result<Instant> {
+    support::wait_for("test nodes Ready", Duration::from_secs(30), || {
+        let nodes = nodes.clone();
+        let names = names.clone();
+        async move {
+            for name in names {
+                let ready = nodes
+                    .get(&name)
+                    .await?
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True");
+                if !ready {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(Instant::now()))
+        }
+    })
+    .await
+}
+
+/// Deletes test nodes at the end of the test, or when it fails.
+pub fn delete_nodes_later(cluster: &str, names: Vec<String>) -> support::Cleanup {
+    support::Cleanup::new(
+        cluster,
+        format!("nodes {names:?}"),
+        move |client| async move {
+            let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client);
+            for name in names {
+                let _ = nodes.delete(&name, &DeleteParams::default()).await;
+            }
+            Ok(())
+        },
+    )
+}
+
+/// A node that KWOK plays (it reports it Ready and runs its pods).
+pub fn fake_node(name: &str, arch: &str, extra_spec: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "annotations": { "kwok.x-k8s.io/node": "fake" },
+            "labels": {
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": arch,
+                "type": "kwok",
+            },
+        },
+        "spec": extra_spec,
+    })
+}
+
+pub const RBAC_YAML: &str = "deploy/target/rbac.yaml";
+/// Marks the RBAC objects this test creates, so a run that was killed
+/// before its cleanup is swept up by the next one.
+pub const TEST_LABEL: &str = "kube-prefetch.test/rbac";
+/// The one ClusterRole and the one ClusterRoleBinding of the shipped file.
+pub fn shipped_rbac() -> Result<(ClusterRole, ClusterRoleBinding)> {
+    let path = support::repo_root().join(RBAC_YAML);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let documents: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(&text).with_context(|| format!("parsing {RBAC_YAML}"))?;
+    let mut roles = Vec::new();
+    let mut bindings = Vec::new();
+    for document in documents.into_iter().filter(|d| !d.is_null()) {
+        match document["kind"].as_str() {
+            Some("ClusterRole") => roles.push(serde_json::from_value::<ClusterRole>(document)?),
+            Some("ClusterRoleBinding") => {
+                bindings.push(serde_json::from_value::<ClusterRoleBinding>(document)?)
+            }
+            other => bail!("{RBAC_YAML}: unexpected document of kind {other:?}"),
+        }
+    }
+    let ([role], [binding]) = (roles.as_slice(), bindings.as_slice()) else {
+        bail!(
+            "{RBAC_YAML} should hold one ClusterRole and one ClusterRoleBinding, not {} and {}",
+            roles.len(),
+            bindings.len()
+        );
+    };
+    anyhow::ensure!(
+        binding.role_ref.kind == "ClusterRole" && binding.role_ref.name == role.name_any(),
+        "{RBAC_YAML}: the binding refers to {} {}, not to the ClusterRole {} of the file",
+        binding.role_ref.kind,
+        binding.role_ref.name,
+        role.name_any()
+    );
+    anyhow::ensure!(
+        !role.rules.clone().unwrap_or_default().is_empty(),
+        "{RBAC_YAML}: the ClusterRole has no rules"
+    );
+    Ok((role.clone(), binding.clone()))
+}
+
+/// The shipped objects under a unique name, bound to the user `operator`;
+/// the rules are left exactly as shipped.
+pub fn granted_to_operator(
+    (mut role, mut binding): (ClusterRole, ClusterRoleBinding),
+    name: &str,
+) -> (ClusterRole, ClusterRoleBinding) {
+    for metadata in [&mut role.metadata, &mut binding.metadata] {
+        metadata.name = Some(name.to_string());
+        metadata
+            .labels
+            .get_or_insert_default()
+            .insert(TEST_LABEL.to_string(), "true".to_string());
+    }
+    binding.role_ref.name = name.to_string();
+    binding.subjects = Some(vec![Subject {
+        api_group: Some("rbac.authorization.k8s.io".into()),
+        kind: "User".into(),
+        name: "operator".into(),
+        namespace: None,
+    }]);
+    (role, binding)
+}
+
+/// Deletes the test's RBAC objects (all of them, or those of one run) and
+/// waits until they are gone.
+pub async fn delete_rbac(client: &Client, name: Option<&str>) -> Result<()> {
+    let roles: Api<ClusterRole> = Api::all(client.clone());
+    let bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
+    let mut params = ListParams::default().labels(&format!("{TEST_LABEL}=true"));
+    if let Some(name) = name {
+        params = params.fields(&format!("metadata.name={name}"));
+    }
+    bindings
+        .delete_collection(&DeleteParams::default(), &params)
+        .await
+        .context("deleting ClusterRoleBindings")?;
+    roles
+        .delete_collection(&DeleteParams::default(), &params)
+        .await
+        .context("deleting ClusterRoles")?;
+    let (roles, bindings, params) = (&roles, &bindings, &params);
+    support::wait_for(
+        "the test's ClusterRole(s) and ClusterRoleBinding(s) to be gone",
+        support::DEFAULT_TIMEOUT,
+        move || async move {
+            let left: Vec<String> = bindings
+                .list(params)
+                .await?
+                .iter()
+                .map(|b| format!("ClusterRoleBinding {}", b.name_any()))
+                .chain(
+                    roles
+                        .list(params)
+                        .await?
+                        .iter()
+                        .map(|r| format!("ClusterRole {}", r.name_any())),
+                )
+                .collect();
+            if left.is_empty() {
+                Ok(Some(()))
+            } else {
+                bail!("still there: {left:?}")
+            }
+        },
+    )
+    .await
 }

@@ -1,0 +1,1034 @@
+//! Fault injection on the sim clusters (issue 9): one cluster is broken in
+//! the middle of a fan-out while the others work, and each test asserts
+//! what the issue promises:
+//! - once the fault is gone the work completes (the Prefetch is READY);
+//! - no pull pod is created twice for the same (node, image): the process
+//!   created at most one a pair (`kube_prefetch_pull_pods_created_total`)
+//!   and a test watch saw no pair with two pods;
+//! - no pull pod is left behind;
+//! - the other clusters' Prefetches finish within [`SLOWDOWN_FACTOR`] ×
+//!   their time without any fault + [`SLOWDOWN_SLACK`];
+//! - `/api/v1/status` (and the Prefetch status, where it can be written)
+//!   says what is wrong while it is wrong.
+//!
+//! Each test prints a `measured:` line and appends it to
+//! `target/test-logs/faults-measured.txt`; RELIABILITY.md has the last run's.
+//! The tests are `#[ignore]`d (they take minutes): `make test-faults`, or
+//! `cargo test --test faults -- --ignored --test-threads 1`.
+
+mod harness;
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use harness::*;
+use kube::{Api, Client};
+use kube_prefetch::actors::status::{ClusterHealth, StatusView};
+use kube_prefetch::api::{Phase, Prefetch, PrefetchStatus};
+use serde_json::json;
+use tokio::sync::OnceCell;
+
+/// Pull slots wide enough that a fan-out of hundreds of pulls takes a
+/// minute or so on the sim's three workers, not ten.
+const DEFAULTS_TOML: &str = "max_parallel_per_node = 20\nmax_parallel_per_cluster = 60\nmax_parallel_per_prefetch = 60\napi_qps = 50.0";
+/// Images of the Prefetch on each cluster that is not broken (× 3 workers).
+const CONTROL_IMAGES: usize = 10;
+/// The margin on the other clusters' time to READY.
+const SLOWDOWN_FACTOR: f64 = 1.5;
+const SLOWDOWN_SLACK: Duration = Duration::from_secs(15);
+/// Generous: two cores shared with other work.
+const READY_TIMEOUT: Duration = Duration::from_secs(240);
+const PREFETCH: &str = "fanout";
+
+fn images(prefix: &str, count: usize) -> Vec<String> {
+    (1..=count)
+        .map(|i| format!("faults.example/{prefix}/app{i}:1"))
+        .collect()
+}
+
+fn options(kubeconfig_toml: Option<String>) -> Options {
+    Options {
+        kubeconfig_toml,
+        defaults_toml: DEFAULTS_TOML.to_string(),
+        ..Options::default()
+    }
+}
+
+/// One Prefetch "fanout" of `images` on every worker of one cluster, in a
+/// namespace of its own, with a watch recording its pull pods.
+struct Fanout {
+    cluster: String,
+    ns: support::TestNamespace,
+    log: PodLog,
+    pairs: BTreeSet<(String, String)>,
+    /// When the Prefetch was applied.
+    created: Instant,
+}
+
+impl Fanout {
+    async fn create(cluster: &str, test: &str, images: Vec<String>) -> Result<Fanout> {
+        let ns = support::TestNamespace::create(cluster, test).await?;
+        let log = PodLog::start(ns.client()).await?;
+        let pairs = workers(cluster)
+            .into_iter()
+            .flat_map(|node| {
+                images
+                    .iter()
+                    .map(move |image| (node.clone(), image.clone()))
+            })
+            .collect();
+        apply(
+            &ns.api::<Prefetch>(),
+            prefetch_json(
+                PREFETCH,
+                json!({ "images": images, "node_filter": "worker", "retry_after": 3600 }),
+            ),
+        )
+        .await?;
+        Ok(Fanout {
+            cluster: cluster.to_string(),
+            ns,
+            log,
+            pairs,
+            created: Instant::now(),
+        })
+    }
+
+    fn client(&self) -> Client {
+        self.ns.client()
+    }
+
+    async fn status(&self) -> Result<PrefetchStatus> {
+        Ok(prefetch_status(&self.client(), self.ns.name(), PREFETCH)
+            .await?
+            .unwrap_or_default())
+    }
+
+    /// Waits for READY; returns the time since `since`.
+    async fn wait_ready(&self, since: Instant) -> Result<Duration> {
+        wait_phase(
+            &self.client(),
+            self.ns.name(),
+            PREFETCH,
+            Phase::Ready,
+            READY_TIMEOUT,
+        )
+        .await
+        .with_context(|| format!("{}: the fan-out", self.cluster))?;
+        Ok(since.elapsed())
+    }
+
+    /// Times READY from the Prefetch's creation in the background, so that
+    /// several clusters are timed at once.
+    fn ready_clock(&self) -> tokio::task::JoinHandle<Result<Duration>> {
+        let since = self.created;
+        let (client, namespace, cluster) = (
+            self.client(),
+            self.ns.name().to_string(),
+            self.cluster.clone(),
+        );
+        tokio::spawn(async move {
+            wait_phase(&client, &namespace, PREFETCH, Phase::Ready, READY_TIMEOUT)
+                .await
+                .with_context(|| format!("{cluster}: the fan-out"))?;
+            Ok(since.elapsed())
+        })
+    }
+
+    fn pods_seen(&self) -> usize {
+        self.log.pods_in(self.ns.name()).len()
+    }
+
+    /// After READY: every pair pulled, none by two pods, no pod left.
+    /// `created` is what kube-prefetch counted for the cluster; at most one
+    /// pod a pair. Returns the pods seen by the test's own watch.
+    async fn check_done(&self, created: f64) -> Result<usize> {
+        let status = self.status().await?;
+        ensure!(
+            status.pulls.ready as usize == self.pairs.len() && status.pulls.failed == 0,
+            "{}: {} pairs, status {:?}",
+            self.cluster,
+            self.pairs.len(),
+            status.pulls
+        );
+        wait_no_pull_pods(&self.client(), self.ns.name(), Duration::from_secs(60)).await?;
+        let mut per_pair: BTreeMap<(String, String), usize> = BTreeMap::new();
+        let pods = self.log.pods_in(self.ns.name());
+        for pod in &pods {
+            *per_pair
+                .entry((pod.node.clone(), pod.image.clone()))
+                .or_default() += 1;
+        }
+        let twice: Vec<_> = per_pair.iter().filter(|(_, n)| **n > 1).collect();
+        ensure!(
+            twice.is_empty(),
+            "{}: pairs with more than one pull pod: {twice:?}",
+            self.cluster
+        );
+        // At most one create a pair went through. Fewer when the answer to
+        // a create was lost (the API server killed mid-request): the pod is
+        // then found by its name (409) and adopted, not created again.
+        ensure!(
+            created as usize <= self.pairs.len(),
+            "{}: kube-prefetch created {created} pull pods for {} pairs",
+            self.cluster,
+            self.pairs.len()
+        );
+        Ok(pods.len())
+    }
+
+    async fn cleanup(self) -> Result<()> {
+        self.ns.cleanup().await
+    }
+}
+
+/// The sum of a metric's samples whose labels include `cluster="<cluster>"`.
+async fn metric(orchestrator: &Orchestrator, name: &str, cluster: &str) -> Result<f64> {
+    let metrics = orchestrator.get("/metrics").await?;
+    Ok(metric_sum(&metrics, name, cluster))
+}
+
+/// Each cluster's time to READY of the control fan-out, without any fault,
+/// from its creation with kube-prefetch running: measured once per test
+/// binary, with all clusters working at once.
+static BASELINE: OnceCell<BTreeMap<String, Duration>> = OnceCell::const_new();
+
+async fn baseline() -> Result<&'static BTreeMap<String, Duration>> {
+    BASELINE
+        .get_or_try_init(|| async {
+            let _orchestrator = Orchestrator::start("faults-baseline", options(None)).await?;
+            let mut fanouts = Vec::new();
+            for cluster in support::cluster_names() {
+                fanouts.push(
+                    Fanout::create(&cluster, "baseline", images("baseline", CONTROL_IMAGES))
+                        .await?,
+                );
+            }
+            let clocks: Vec<_> = fanouts.iter().map(Fanout::ready_clock).collect();
+            let mut times = BTreeMap::new();
+            for (fanout, clock) in fanouts.iter().zip(clocks) {
+                times.insert(fanout.cluster.clone(), clock.await??);
+            }
+            for fanout in fanouts {
+                fanout.cleanup().await?;
+            }
+            eprintln!("baseline: {times:?}");
+            Ok(times)
+        })
+        .await
+}
+
+/// Fails unless `took` is within the margin of the cluster's baseline.
+fn within_margin(cluster: &str, took: Duration, base: &BTreeMap<String, Duration>) -> Result<()> {
+    let base = base
+        .get(cluster)
+        .with_context(|| format!("no baseline for {cluster}"))?;
+    let limit = base.mul_f64(SLOWDOWN_FACTOR) + SLOWDOWN_SLACK;
+    ensure!(
+        took <= limit,
+        "{cluster} took {took:?} with the fault elsewhere, {base:?} without (limit {limit:?})"
+    );
+    Ok(())
+}
+
+/// Prints one case's measurements and appends them to the measurements file.
+fn record(case: &str, fields: &[(&str, String)]) {
+    let line = format!(
+        "measured: {case}: {}",
+        fields
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    eprintln!("{line}");
+    let path = support::repo_root().join("target/test-logs/faults-measured.txt");
+    let written = std::fs::create_dir_all(support::repo_root().join("target/test-logs"))
+        .and_then(|()| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+        })
+        .and_then(|mut file| writeln!(file, "{line}"));
+    if let Err(error) = written {
+        eprintln!("could not append to {}: {error}", path.display());
+    }
+}
+
+fn secs(duration: Duration) -> String {
+    format!("{:.1}s", duration.as_secs_f64())
+}
+
+/// The health of `cluster` in the view, as a label and its detail.
+fn health_of(view: &StatusView, cluster: &str) -> Option<ClusterHealth> {
+    view.clusters
+        .iter()
+        .find(|c| c.name == cluster)
+        .map(|c| c.health.clone())
+}
+
+/// Waits until `/api/v1/status` shows `cluster` Unreachable; returns the reason.
+async fn wait_unreachable(orchestrator: &Orchestrator, cluster: &str) -> Result<String> {
+    support::wait_for(
+        &format!("{cluster} Unreachable in /api/v1/status"),
+        Duration::from_secs(60),
+        || async {
+            Ok(match health_of(&orchestrator.status().await?, cluster) {
+                Some(ClusterHealth::Unreachable { reason }) => Some(reason),
+                _ => None,
+            })
+        },
+    )
+    .await
+}
+
+async fn wait_connected(orchestrator: &Orchestrator, cluster: &str) -> Result<()> {
+    support::wait_for(
+        &format!("{cluster} Connected in /api/v1/status"),
+        Duration::from_secs(120),
+        || async { Ok(is_connected(&orchestrator.status().await?, cluster).then_some(())) },
+    )
+    .await
+}
+
+/// Case 3: a cluster unreachable from the start, and another whose port
+/// closes mid-run (every connection cut) and reopens 15 s later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection (minutes): make test-faults"]
+async fn unreachable_clusters_recover_when_their_port_opens() -> Result<()> {
+    let _serial = setup().await;
+    let base = baseline().await?;
+    let clusters = support::cluster_names();
+    let dir = tempfile::tempdir()?;
+    let dead = closed_port_kubeconfig(dir.path(), &clusters[0], "dead-at-start")?;
+    let cut = closed_port_kubeconfig(dir.path(), &clusters[1], "cut-mid-run")?;
+    let relay = cut.open().await?;
+    let kubeconfig_toml = format!(
+        "[[kubeconfig]]\npath = {:?}\n\n[[kubeconfig]]\npath = {:?}\n\n[[kubeconfig]]\npath = {:?}\ncontexts = [{:?}]\n",
+        dead.path.display().to_string(),
+        cut.path.display().to_string(),
+        support::kubeconfig_path().display().to_string(),
+        clusters[2],
+    );
+    let dead_run = Fanout::create(&clusters[0], "dead", images("dead", CONTROL_IMAGES)).await?;
+    let cut_run = Fanout::create(&clusters[1], "cut", images("cut", 30)).await?;
+    let orchestrator =
+        Orchestrator::start("faults-unreachable", options(Some(kubeconfig_toml))).await?;
+    let control =
+        Fanout::create(&clusters[2], "control", images("control", CONTROL_IMAGES)).await?;
+    let control_clock = control.ready_clock();
+
+    let dead_reason = wait_unreachable(&orchestrator, "dead-at-start").await?;
+    ensure!(
+        dead_reason.contains("Connection refused"),
+        "the reason says the connection is refused: {dead_reason}"
+    );
+    support::wait_for(
+        "a third of the cut cluster's pulls",
+        Duration::from_secs(120),
+        || {
+            let seen = cut_run.pods_seen();
+            async move { Ok((seen >= 30).then_some(())) }
+        },
+    )
+    .await?;
+    relay.close();
+    let cut_at = Instant::now();
+    let cut_reason = wait_unreachable(&orchestrator, "cut-mid-run").await?;
+    let noticed = cut_at.elapsed();
+    let view = orchestrator.status().await?;
+    ensure!(
+        is_connected(&view, &clusters[2]),
+        "the working cluster stays Connected: {view:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(15).saturating_sub(cut_at.elapsed())).await;
+    ensure!(
+        cut_run.status().await?.phase != Some(Phase::Ready),
+        "the cut cluster finished before its port reopened: make its fan-out bigger"
+    );
+    let _relay = support::wait_for(
+        "the cut port to reopen",
+        Duration::from_secs(10),
+        || async { cut.open().await.map(Some) },
+    )
+    .await?;
+    let reopened_at = Instant::now();
+    let cut_recovered = cut_run.wait_ready(reopened_at).await?;
+    wait_connected(&orchestrator, "cut-mid-run").await?;
+
+    let control_took = control_clock.await??;
+    within_margin(&clusters[2], control_took, base)?;
+    ensure!(
+        matches!(
+            health_of(&orchestrator.status().await?, "dead-at-start"),
+            Some(ClusterHealth::Unreachable { .. })
+        ),
+        "still Unreachable until its port opens"
+    );
+    let _dead_relay = dead.open().await?;
+    let opened_at = Instant::now();
+    let dead_recovered = dead_run.wait_ready(opened_at).await?;
+    wait_connected(&orchestrator, "dead-at-start").await?;
+
+    let mut seen = Vec::new();
+    for (run, context) in [
+        (&dead_run, "dead-at-start"),
+        (&cut_run, "cut-mid-run"),
+        (&control, clusters[2].as_str()),
+    ] {
+        let created = metric(
+            &orchestrator,
+            "kube_prefetch_pull_pods_created_total",
+            context,
+        )
+        .await?;
+        seen.push(run.check_done(created).await?);
+    }
+    record(
+        "3 unreachable",
+        &[
+            ("dead_at_start_ready_after_open", secs(dead_recovered)),
+            (
+                "found_by_name_after_a_lost_answer",
+                log_lines_with(&orchestrator.log_path, "adopted existing pull pod")
+                    .len()
+                    .to_string(),
+            ),
+            ("cut_noticed_after", secs(noticed)),
+            ("cut_ready_after_reopen", secs(cut_recovered)),
+            (
+                "pods_created",
+                format!(
+                    "{seen:?} for {}/{}/{} pairs",
+                    dead_run.pairs.len(),
+                    cut_run.pairs.len(),
+                    control.pairs.len()
+                ),
+            ),
+            ("pods_left", "0".into()),
+            ("control_ready", secs(control_took)),
+            ("control_baseline", secs(base[&clusters[2]])),
+            ("dead_reason", format!("{dead_reason:?}")),
+            ("cut_reason", format!("{cut_reason:?}")),
+        ],
+    );
+    for run in [dead_run, cut_run, control] {
+        run.cleanup().await?;
+    }
+    Ok(())
+}
+
+/// Runs `clusters/sim/daemon CLUSTER COMPONENT ACTION`.
+fn sim_daemon(cluster: &str, component: &str, action: &str) -> Result<()> {
+    let script = support::repo_root().join("clusters/sim/daemon");
+    let output = std::process::Command::new(&script)
+        .args([cluster, component, action])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    ensure!(
+        output.status.success(),
+        "clusters/sim/daemon {cluster} {component} {action}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+/// A killed sim daemon, started again by [`KilledDaemon::start`] or, if the
+/// test fails first, on drop: later tests need the cluster.
+struct KilledDaemon {
+    cluster: String,
+    component: &'static str,
+    running: bool,
+}
+
+impl KilledDaemon {
+    fn kill(cluster: &str, component: &'static str) -> Result<KilledDaemon> {
+        sim_daemon(cluster, component, "kill")?;
+        Ok(KilledDaemon {
+            cluster: cluster.to_string(),
+            component,
+            running: false,
+        })
+    }
+
+    fn start(&mut self) -> Result<()> {
+        sim_daemon(&self.cluster, self.component, "start")?;
+        self.running = true;
+        Ok(())
+    }
+}
+
+impl Drop for KilledDaemon {
+    fn drop(&mut self) {
+        if !self.running
+            && let Err(error) = sim_daemon(&self.cluster, self.component, "start")
+        {
+            eprintln!(
+                "starting {} of {} again: {error:#}",
+                self.component, self.cluster
+            );
+        }
+    }
+}
+
+/// Cases 1 and 2: `component` of the second cluster is SIGKILLed once
+/// `kill_at` of its `images` × 3 pulls were created, and started again
+/// `down_for` later; the other two clusters run a fan-out meanwhile.
+async fn daemon_outage(
+    case: &str,
+    component: &'static str,
+    images_count: usize,
+    kill_at: usize,
+    down_for: Duration,
+) -> Result<()> {
+    let _serial = setup().await;
+    let base = baseline().await?;
+    let clusters = support::cluster_names();
+    let broken = clusters[1].clone();
+    let run = Fanout::create(&broken, component, images(component, images_count)).await?;
+    let orchestrator = Orchestrator::start(&format!("faults-{component}"), options(None)).await?;
+    support::wait_for(
+        &format!("{kill_at} pull pods on {broken}"),
+        READY_TIMEOUT,
+        || {
+            let seen = run.pods_seen();
+            async move { Ok((seen >= kill_at).then_some(())) }
+        },
+    )
+    .await?;
+    let mut daemon = KilledDaemon::kill(&broken, component)?;
+    let killed_at = Instant::now();
+    let pods_at_kill = run.pods_seen();
+    let controls = controls_beside(&broken).await?;
+
+    // While it is down, /api/v1/status says so.
+    let reason = wait_unreachable(&orchestrator, &broken).await?;
+    let noticed = killed_at.elapsed();
+    tokio::time::sleep(down_for.saturating_sub(killed_at.elapsed())).await;
+    ensure!(
+        matches!(
+            health_of(&orchestrator.status().await?, &broken),
+            Some(ClusterHealth::Unreachable { .. })
+        ),
+        "{broken} is still Unreachable at the end of the outage"
+    );
+    daemon.start()?;
+    let restarted_at = Instant::now();
+    let recovered = run.wait_ready(restarted_at).await?;
+    wait_connected(&orchestrator, &broken).await?;
+
+    let others = finish_controls(&orchestrator, controls, base).await?;
+    let created = created(&orchestrator, &broken).await?;
+    let seen = run.check_done(created).await?;
+    record(
+        case,
+        &[
+            ("pulls", run.pairs.len().to_string()),
+            ("pods_at_kill", pods_at_kill.to_string()),
+            ("down_for", secs(down_for)),
+            ("noticed_after", secs(noticed)),
+            ("ready_after_restart", secs(recovered)),
+            (
+                "pods_created",
+                format!(
+                    "{created} + {} found by name after a lost answer (test watch saw {seen})",
+                    log_lines_with(&orchestrator.log_path, "adopted existing pull pod").len()
+                ),
+            ),
+            ("pods_left", "0".into()),
+            ("others", others),
+            ("reason", format!("{reason:?}")),
+        ],
+    );
+    run.cleanup().await?;
+    Ok(())
+}
+
+/// Case 1: one cluster's kube-apiserver SIGKILLed in the middle of a
+/// 501-pull fan-out and started again 20 s later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection (minutes): make test-faults"]
+async fn apiserver_killed_mid_fan_out_recovers() -> Result<()> {
+    daemon_outage(
+        "1 kube-apiserver killed",
+        "kube-apiserver",
+        167,
+        150,
+        Duration::from_secs(20),
+    )
+    .await
+}
+
+/// Case 2: one cluster's etcd SIGKILLed mid-fan-out and started again 30 s
+/// later; its API server stays up and answers errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection (minutes): make test-faults"]
+async fn etcd_killed_mid_fan_out_recovers() -> Result<()> {
+    daemon_outage("2 etcd killed", "etcd", 60, 60, Duration::from_secs(30)).await
+}
+
+/// The pull pods kube-prefetch created in one cluster.
+async fn created(orchestrator: &Orchestrator, cluster: &str) -> Result<f64> {
+    metric(
+        orchestrator,
+        "kube_prefetch_pull_pods_created_total",
+        cluster,
+    )
+    .await
+}
+
+/// Creates the control fan-outs on every cluster but `broken`; each is timed
+/// from now.
+async fn controls_beside(
+    broken: &str,
+) -> Result<Vec<(Fanout, tokio::task::JoinHandle<Result<Duration>>)>> {
+    let mut controls = Vec::new();
+    for cluster in support::cluster_names() {
+        if cluster != broken {
+            let fanout =
+                Fanout::create(&cluster, "control", images("control", CONTROL_IMAGES)).await?;
+            let clock = fanout.ready_clock();
+            controls.push((fanout, clock));
+        }
+    }
+    Ok(controls)
+}
+
+/// Waits for the control fan-outs, checks their time and their pods, and
+/// describes their times.
+async fn finish_controls(
+    orchestrator: &Orchestrator,
+    controls: Vec<(Fanout, tokio::task::JoinHandle<Result<Duration>>)>,
+    base: &BTreeMap<String, Duration>,
+) -> Result<String> {
+    let mut times = Vec::new();
+    for (control, clock) in controls {
+        let took = clock.await??;
+        within_margin(&control.cluster, took, base)?;
+        control
+            .check_done(created(orchestrator, &control.cluster).await?)
+            .await?;
+        times.push(format!(
+            "{} {} (baseline {})",
+            control.cluster,
+            secs(took),
+            secs(base[&control.cluster])
+        ));
+        control.cleanup().await?;
+    }
+    Ok(times.join(", "))
+}
+
+/// Case 5: a node deleted while its (slow) pulls are in flight: its pull
+/// pods are deleted, the Prefetch targets the nodes that are left and
+/// becomes READY.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection (minutes): make test-faults"]
+async fn node_deleted_mid_pull_is_dropped_and_its_pods_removed() -> Result<()> {
+    use k8s_openapi::api::core::v1::Node;
+    let _serial = setup().await;
+    let base = baseline().await?;
+    let cluster = support::cluster_names()[2].clone();
+    let client = support::client(&cluster).await;
+    // "worker" in its name: the fan-out's node_filter takes it too.
+    let doomed = support::unique_name("doomed-worker");
+    let nodes: Api<Node> = Api::all(client.clone());
+    apply(&nodes, fake_node(&doomed, "amd64", json!({}))).await?;
+    let node_cleanup = delete_nodes_later(&cluster, vec![doomed.clone()]);
+    wait_nodes_ready(&nodes, vec![doomed.clone()]).await?;
+    let orchestrator = Orchestrator::start("faults-node-deleted", options(None)).await?;
+    let run = Fanout::create(
+        &cluster,
+        "nodegone",
+        vec![
+            "slow.invalid/nodegone/app1:1".into(),
+            "slow.invalid/nodegone/app2:1".into(),
+        ],
+    )
+    .await?;
+    let on_doomed = |log: &PodLog, ns: &str| -> Vec<SeenPod> {
+        log.pods_in(ns)
+            .into_iter()
+            .filter(|p| p.node == doomed)
+            .collect()
+    };
+    support::wait_for(
+        "a pull in flight on the doomed node",
+        Duration::from_secs(60),
+        || {
+            let found = !on_doomed(&run.log, run.ns.name()).is_empty();
+            async move { Ok(found.then_some(())) }
+        },
+    )
+    .await?;
+    let targeted = workers(&cluster).len() + 1;
+    support::wait_for(
+        "the status to count the doomed node",
+        Duration::from_secs(30),
+        || async { Ok((run.status().await?.nodes as usize == targeted).then_some(())) },
+    )
+    .await?;
+    nodes
+        .delete(&doomed, &kube::api::DeleteParams::default())
+        .await?;
+    let deleted_at = Instant::now();
+    let controls = controls_beside(&cluster).await?;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = run.ns.api();
+    support::wait_for(
+        "the deleted node's pull pods removed",
+        Duration::from_secs(30),
+        || {
+            let pods = pods.clone();
+            let doomed = doomed.clone();
+            async move {
+                let left = pods
+                    .list(&kube::api::ListParams::default().labels(MANAGED_BY))
+                    .await?;
+                Ok((!left.items.iter().any(|p| {
+                    p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(doomed.as_str())
+                }))
+                .then_some(()))
+            }
+        },
+    )
+    .await?;
+    let pods_removed = deleted_at.elapsed();
+    let status = support::wait_for(
+        "the status to count the nodes left",
+        Duration::from_secs(30),
+        || async {
+            let status = run.status().await?;
+            Ok((status.nodes as usize == workers(&cluster).len()).then_some(status))
+        },
+    )
+    .await?;
+    let ready = run.wait_ready(deleted_at).await?;
+    ensure!(status.pulls.failed == 0, "{status:?}");
+    let doomed_pods = on_doomed(&run.log, run.ns.name()).len();
+    let seen = run
+        .check_done(created(&orchestrator, &cluster).await? - doomed_pods as f64)
+        .await?;
+    let others = finish_controls(&orchestrator, controls, base).await?;
+    record(
+        "5 node deleted",
+        &[
+            ("pods_on_node", doomed_pods.to_string()),
+            ("its_pods_removed_after", secs(pods_removed)),
+            ("ready_after_delete", secs(ready)),
+            (
+                "pods_created",
+                format!(
+                    "{seen} for {} pairs + {doomed_pods} on the deleted node",
+                    run.pairs.len()
+                ),
+            ),
+            ("pods_left", "0".into()),
+            ("others", others),
+        ],
+    );
+    run.cleanup().await?;
+    node_cleanup.run().await?;
+    Ok(())
+}
+
+/// Case 5: a namespace whose pods are forbidden by a ResourceQuota of zero
+/// pods. The quota error is in its status and /api/v1/status, the pulls are
+/// retried with backoff, another namespace of the same cluster is not
+/// held up, and once the quota is gone the next round (retry_after) pulls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection (minutes): make test-faults"]
+async fn zero_pod_quota_is_shown_retried_and_blocks_no_other_namespace() -> Result<()> {
+    use k8s_openapi::api::core::v1::ResourceQuota;
+    const RETRY_AFTER: u64 = 20;
+    let _serial = setup().await;
+    let base = baseline().await?;
+    let cluster = support::cluster_names()[0].clone();
+    let ns = support::TestNamespace::create(&cluster, "quota").await?;
+    let client = ns.client();
+    let log = PodLog::start(client.clone()).await?;
+    let quotas: Api<ResourceQuota> = ns.api();
+    apply(
+        &quotas,
+        json!({
+            "apiVersion": "v1",
+            "kind": "ResourceQuota",
+            "metadata": { "name": "no-pods" },
+            "spec": { "hard": { "pods": "0" } },
+        }),
+    )
+    .await?;
+    // No kube-controller-manager runs: set what its quota controller would.
+    quotas
+        .patch_status(
+            "no-pods",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                json!({ "status": { "hard": { "pods": "0" }, "used": { "pods": "0" } } }),
+            ),
+        )
+        .await?;
+    let images = images("quota", 2);
+    apply(
+        &ns.api::<Prefetch>(),
+        prefetch_json(
+            PREFETCH,
+            json!({ "images": images, "node_filter": "worker", "retry_after": RETRY_AFTER }),
+        ),
+    )
+    .await?;
+    let orchestrator = Orchestrator::start("faults-quota", options(None)).await?;
+    let controls = controls_beside("none").await?;
+
+    // Shown, in the Prefetch's status and in /api/v1/status, after retries.
+    let failed = wait_phase(
+        &client,
+        ns.name(),
+        PREFETCH,
+        Phase::Failed,
+        Duration::from_secs(90),
+    )
+    .await?;
+    let failure = failed.failures.first().context("FAILED without failures")?;
+    ensure!(
+        failure.last_error.contains("exceeded quota: no-pods") && failure.attempts >= 2,
+        "the quota error, after retries: {failure:?}"
+    );
+    let message = failed.message.clone().unwrap_or_default();
+    ensure!(
+        message.contains("exceeded quota"),
+        "status message: {message}"
+    );
+    let view = orchestrator.status().await?;
+    let summary = view
+        .clusters
+        .iter()
+        .find(|c| c.name == cluster)
+        .and_then(|c| c.prefetches.iter().find(|p| p.namespace == ns.name()))
+        .with_context(|| format!("not in /api/v1/status: {view:?}"))?;
+    ensure!(
+        summary
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("exceeded quota"),
+        "/api/v1/status: {summary:?}"
+    );
+    let others = finish_controls(&orchestrator, controls, base).await?;
+    let attempts = failure.attempts;
+
+    quotas
+        .delete("no-pods", &kube::api::DeleteParams::default())
+        .await?;
+    let lifted_at = Instant::now();
+    wait_phase(
+        &client,
+        ns.name(),
+        PREFETCH,
+        Phase::Ready,
+        Duration::from_secs(RETRY_AFTER + 60),
+    )
+    .await?;
+    let ready = lifted_at.elapsed();
+    let pairs = images.len() * workers(&cluster).len();
+    wait_no_pull_pods(&client, ns.name(), Duration::from_secs(30)).await?;
+    let pods = log.pods_in(ns.name()).len();
+    ensure!(pods == pairs, "{pods} pull pods for {pairs} pairs");
+    record(
+        "5 zero-pod quota",
+        &[
+            ("attempts_before_failed", attempts.to_string()),
+            (
+                "ready_after_quota_deleted",
+                format!("{} (retry_after {RETRY_AFTER}s)", secs(ready)),
+            ),
+            ("pods_created", format!("{pods} for {pairs} pairs")),
+            ("pods_left", "0".into()),
+            ("others", others),
+            ("message", format!("{message:?}")),
+        ],
+    );
+    ns.cleanup().await?;
+    Ok(())
+}
+
+/// Case 6: RBAC revoked mid-run (the ClusterRoleBinding of the shipped rules
+/// deleted) and restored 15 s later: the cluster shows Forbidden with what
+/// is missing, and recovers without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection (minutes): make test-faults"]
+async fn rbac_revoked_mid_run_shows_forbidden_and_recovers() -> Result<()> {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    use kube::api::{DeleteParams, PostParams};
+    let _serial = setup().await;
+    let base = baseline().await?;
+    let clusters = support::cluster_names();
+    let cluster = clusters[1].clone();
+    let target = format!("{cluster}-operator");
+    let sim = support::sim().await;
+    let admin = support::client(&cluster).await;
+    // A run killed before its cleanup leaves its grant behind: sweep it.
+    delete_rbac(&admin, None).await?;
+    let name = support::unique_name("kube-prefetch-faults-rbac");
+    let rbac_cleanup = {
+        let name = name.clone();
+        support::Cleanup::new(&cluster, format!("RBAC {name}"), move |client| async move {
+            delete_rbac(&client, Some(&name)).await
+        })
+    };
+    let (role, binding) = granted_to_operator(shipped_rbac()?, &name);
+    let roles: Api<ClusterRole> = Api::all(admin.clone());
+    let bindings: Api<ClusterRoleBinding> = Api::all(admin.clone());
+    roles.create(&PostParams::default(), &role).await?;
+    bindings.create(&PostParams::default(), &binding).await?;
+
+    let kubeconfig_toml = format!(
+        "[[kubeconfig]]\npath = {:?}\n\n[[kubeconfig]]\npath = {:?}\ncontexts = [{:?}, {:?}]\n",
+        sim.operator_kubeconfig(&cluster).display().to_string(),
+        support::kubeconfig_path().display().to_string(),
+        clusters[0],
+        clusters[2],
+    );
+    let orchestrator = Orchestrator::start("faults-rbac", options(Some(kubeconfig_toml))).await?;
+    wait_connected(&orchestrator, &target).await?;
+    let run = Fanout::create(&cluster, "rbac", images("rbac", 40)).await?;
+    support::wait_for("a quarter of the pulls", READY_TIMEOUT, || {
+        let seen = run.pods_seen();
+        async move { Ok((seen >= 30).then_some(())) }
+    })
+    .await?;
+    bindings.delete(&name, &DeleteParams::default()).await?;
+    let revoked_at = Instant::now();
+    let controls = controls_beside(&cluster).await?;
+    let what = support::wait_for(
+        &format!("{target} Forbidden in /api/v1/status"),
+        Duration::from_secs(60),
+        || async {
+            Ok(match health_of(&orchestrator.status().await?, &target) {
+                Some(ClusterHealth::Forbidden { what }) => Some(what),
+                _ => None,
+            })
+        },
+    )
+    .await?;
+    let noticed = revoked_at.elapsed();
+    ensure!(
+        what.contains("User \"operator\" cannot"),
+        "Forbidden names who may not do what: {what}"
+    );
+    tokio::time::sleep(Duration::from_secs(15).saturating_sub(revoked_at.elapsed())).await;
+    ensure!(
+        run.status().await?.phase != Some(Phase::Ready),
+        "the fan-out finished before RBAC was restored: make it bigger"
+    );
+    let mut binding = binding;
+    binding.metadata.resource_version = None;
+    bindings.create(&PostParams::default(), &binding).await?;
+    let restored_at = Instant::now();
+    let recovered = run.wait_ready(restored_at).await?;
+    wait_connected(&orchestrator, &target).await?;
+    let others = finish_controls(&orchestrator, controls, base).await?;
+    let seen = run
+        .check_done(created(&orchestrator, &target).await?)
+        .await?;
+    record(
+        "6 RBAC revoked",
+        &[
+            ("pulls", run.pairs.len().to_string()),
+            ("forbidden_shown_after", secs(noticed)),
+            ("ready_after_restore", secs(recovered)),
+            (
+                "pods_created",
+                format!("{seen} for {} pairs", run.pairs.len()),
+            ),
+            ("pods_left", "0".into()),
+            ("others", others),
+            ("what", format!("{what:?}")),
+        ],
+    );
+    run.cleanup().await?;
+    rbac_cleanup.run().await?;
+    Ok(())
+}
+
+/// Case 4: two replicas with leader election; the leader is SIGKILLed while
+/// a fan-out of slow (30 s) pulls is in flight. The standby takes over once
+/// the Lease expires, adopts every pull pod in flight (creates none of its
+/// own for them) and finishes the fan-out. (One process SIGKILLed and
+/// restarted: tests/orchestrator.rs, restart_after_sigkill_adopts_in_flight_pods.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection (minutes): make test-faults"]
+async fn leader_killed_mid_fan_out_standby_adopts_and_finishes() -> Result<()> {
+    let _serial = setup().await;
+    let clusters = support::cluster_names();
+    let home = support::TestNamespace::create(&clusters[0], "lease").await?;
+    let leader_options = options(None).with_leader_election(home.name());
+    let mut leader = Orchestrator::start("faults-leader", leader_options.clone()).await?;
+    support::wait_for("the first replica to lead", Duration::from_secs(30), || {
+        let leads = !log_lines_with(&leader.log_path, "became the leader").is_empty();
+        async move { Ok(leads.then_some(())) }
+    })
+    .await?;
+    let standby = Orchestrator::start(
+        "faults-standby",
+        Options {
+            standby: true,
+            ..leader_options
+        },
+    )
+    .await?;
+    // 9 pairs: all in flight at once.
+    let slow: Vec<String> = (1..=3)
+        .map(|i| format!("slow.invalid/leader/app{i}:1"))
+        .collect();
+    let run = Fanout::create(&clusters[1], "leader", slow).await?;
+    let pairs = run.pairs.len();
+    support::wait_for("every slow pull in flight", Duration::from_secs(60), || {
+        let pods = run.log.pods_in(run.ns.name());
+        let in_flight = pods.len() == pairs && pods.iter().all(|p| !p.deleted);
+        async move { Ok(in_flight.then_some(())) }
+    })
+    .await?;
+    leader.kill();
+    let killed_at = Instant::now();
+    support::wait_for("the standby to lead", Duration::from_secs(60), || {
+        let leads = !log_lines_with(&standby.log_path, "became the leader").is_empty();
+        async move { Ok(leads.then_some(())) }
+    })
+    .await?;
+    let took_over = killed_at.elapsed();
+    let ready = run.wait_ready(killed_at).await?;
+    let standby_created = created(&standby, &clusters[1]).await?;
+    let adopted = log_lines_with(&standby.log_path, "adopted existing pull pod").len();
+    ensure!(
+        standby_created == 0.0 && adopted == pairs,
+        "the standby adopted {adopted} of {pairs} pods in flight and created {standby_created}"
+    );
+    // Each pair was created once, all of them by the dead leader.
+    let seen = run.check_done(pairs as f64).await?;
+    ensure!(seen == pairs, "{seen} pull pods for {pairs} pairs");
+    record(
+        "4 leader killed",
+        &[
+            ("pulls_in_flight_at_kill", pairs.to_string()),
+            ("standby_led_after", secs(took_over)),
+            (
+                "ready_after_kill",
+                format!("{} (pulls take ~30 s)", secs(ready)),
+            ),
+            (
+                "pods_created",
+                format!("{seen} for {pairs} pairs, {adopted} adopted"),
+            ),
+            ("pods_left", "0".into()),
+        ],
+    );
+    drop(standby);
+    run.cleanup().await?;
+    home.cleanup().await?;
+    Ok(())
+}

@@ -60,8 +60,9 @@ type reporter struct {
 	// Per node, images seen started and not yet written, with the time they
 	// become due. A pod seen again (every status update) does not push it back.
 	pending map[string]map[string]pendingImage
-	// Pod uid -> true once its images were queued: pods update often.
-	seen map[types.UID]bool
+	// Pod uid -> images of it already queued: pods update often, and their
+	// containers start one after the other (init containers first).
+	seen map[types.UID]map[string]bool
 }
 
 type pendingImage struct {
@@ -107,7 +108,7 @@ func main() {
 		maxImages: *maxImages,
 		allNodes:  *nodes == "all",
 		pending:   map[string]map[string]pendingImage{},
-		seen:      map[types.UID]bool{},
+		seen:      map[types.UID]map[string]bool{},
 	}
 	_, err = podInformer.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(obj any) { r.observe(obj) },
@@ -153,8 +154,10 @@ func (r *reporter) observe(obj any) {
 		return
 	}
 	if cached, exists, err := r.nodes.GetByKey(pod.Spec.NodeName); err != nil || !exists {
+		klog.V(2).Infof("pod %s/%s: node %s not known (%v)", pod.Namespace, pod.Name, pod.Spec.NodeName, err)
 		return
 	} else if node, ok := cached.(*corev1.Node); !ok || !r.reportsFor(node) {
+		klog.V(3).Infof("pod %s/%s: node %s not reported", pod.Namespace, pod.Name, pod.Spec.NodeName)
 		return
 	}
 	var started [][]string
@@ -171,16 +174,19 @@ func (r *reporter) observe(obj any) {
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.seen[pod.UID] {
-		return
+	if r.seen[pod.UID] == nil {
+		r.seen[pod.UID] = map[string]bool{}
 	}
-	r.seen[pod.UID] = true
 	node := pod.Spec.NodeName
-	if r.pending[node] == nil {
-		r.pending[node] = map[string]pendingImage{}
-	}
 	due := time.Now().Add(r.delay)
 	for _, names := range started {
+		if r.seen[pod.UID][names[0]] {
+			continue
+		}
+		r.seen[pod.UID][names[0]] = true
+		if r.pending[node] == nil {
+			r.pending[node] = map[string]pendingImage{}
+		}
 		if _, queued := r.pending[node][names[0]]; !queued {
 			r.pending[node][names[0]] = pendingImage{names: names, due: due}
 		}

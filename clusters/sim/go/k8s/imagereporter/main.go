@@ -299,6 +299,9 @@ func mergeImages(current []corev1.ContainerImage, images [][]string, limit int) 
 	merged := append([]corev1.ContainerImage(nil), current...)
 	added := false
 	for _, names := range images {
+		if len(names) == 0 {
+			continue
+		}
 		if known[names[0]] {
 			continue
 		}
@@ -315,5 +318,26 @@ func mergeImages(current []corev1.ContainerImage, images [][]string, limit int) 
 	if limit >= 0 && len(merged) > limit {
 		merged = merged[:limit]
 	}
+	// Images smaller than the 50 listed fall off at once: then the list did
+	// not change, and the kubelet would not write it either.
+	if len(merged) == len(current) {
+		same := true
+		for i := range merged {
+			if firstName(merged[i]) != firstName(current[i]) {
+				same = false
+				break
+			}
+		}
+		if same {
+			return current, false
+		}
+	}
 	return merged, true
+}
+
+func firstName(image corev1.ContainerImage) string {
+	if len(image.Names) == 0 {
+		return ""
+	}
+	return image.Names[0]
 }

@@ -189,8 +189,8 @@ fn assert_all_gone(run_dir: &Path) {
 async fn down_leaves_no_process_or_port_behind() {
     let sim = support::sim().await;
     let pids = recorded_pids(&sim.run_dir);
-    // etcd, kube-apiserver and kwok per cluster.
-    assert_eq!(pids.len(), 3 * sim.clusters.len(), "pid files: {pids:?}");
+    // etcd, kube-apiserver, kwok and the image reporter per cluster.
+    assert_eq!(pids.len(), 4 * sim.clusters.len(), "pid files: {pids:?}");
     for (file, pid) in &pids {
         assert!(
             is_running(*pid),

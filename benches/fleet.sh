@@ -104,9 +104,17 @@ trap 'exit 143' TERM
 
 log "building kube-prefetch (release) and the load driver (a no-op when up to date)"
 cargo build --release --quiet --bin kube-prefetch
-cargo bench --quiet --no-run --bench fleet_load 2>/dev/null
+# The driver's path, so that no cargo runs (and waits on the build
+# directory's lock) in the middle of a measurement.
+load_binary=$(cargo bench --no-run --bench fleet_load --message-format=json 2>/dev/null |
+  jq -r 'select(.reason == "compiler-artifact" and .target.name == "fleet_load") | .executable // empty' | tail -n 1)
+[ -x "$load_binary" ] || die "could not build benches/fleet_load.rs"
 binary=$repo/target/release/kube-prefetch
-load() { cargo bench --quiet --bench fleet_load -- "$@" 2>/dev/null; }
+# Its errors (say, a failed patch) go to the log, and the first ones are shown.
+load() {
+  "$load_binary" "$@" 2>"$work/load.err" || { tail -n 20 "$work/load.err" >&2; return 1; }
+  if [ -s "$work/load.err" ]; then log "load driver errors ($(grep -c . "$work/load.err") lines), first:"; head -n 3 "$work/load.err" >&2; fi
+}
 
 # What every worker lists at start: the app images (largest, so they stay
 # listed) and the fillers the churn renames.
@@ -219,8 +227,9 @@ create_prefetches() {
 step_ready() {
   create_prefetches
   # Every status write of fleet-0 (the one that fans out) in sim-1 is one
-  # MODIFIED event of the object (a write that changes nothing makes none).
-  kubectl --context sim-1 -n "$namespace" get prefetch fleet-0 -w --output-watch-events -o name \
+  # change of the object (a write that changes nothing makes none): a line
+  # of this watch after the first, which is the object as it was.
+  kubectl --context sim-1 -n "$namespace" get prefetch fleet-0 -w -o name \
     >"$work/fleet-0.watch" 2>/dev/null &
   local watch_pid=$! start ready_ms ticks rss created writes left
   kp_pids+=("$watch_pid")
@@ -243,7 +252,7 @@ step_ready() {
   printf '| kube-prefetch CPU to READY | %s s |\n' "$(seconds "$ticks")"
   printf '| pull pods created | %s |\n' "$created"
   printf '| status writes, all Prefetches | %s |\n' "$writes"
-  printf '| status writes of fleet-0 in sim-1 (its fan-out: %s pulls) | %s |\n' "$workers" "$(grep -c '^MODIFIED' "$work/fleet-0.watch" || true)"
+  printf '| status writes of fleet-0 in sim-1 (its fan-out: %s pulls) | %s |\n' "$workers" "$(($(grep -c . "$work/fleet-0.watch" || true) - 1))"
   printf '| pull pods left at READY + 3 s | %s |\n' "$left"
 }
 

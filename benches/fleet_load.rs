@@ -43,13 +43,26 @@ async fn main() -> Result<()> {
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
-    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         ["churn", kubeconfig, context, rate, seconds] => {
             let rate: f64 = rate.parse().context("RATE")?;
             let seconds: f64 = seconds.parse().context("SECONDS")?;
             churn(connect(kubeconfig, context, None).await?, rate, seconds).await
         }
-        ["bare", kubeconfig, context, namespace, images, concurrency, qps] => {
+        [
+            "bare",
+            kubeconfig,
+            context,
+            namespace,
+            images,
+            concurrency,
+            qps,
+        ] => {
             let qps: f64 = qps.parse().context("QPS")?;
             let concurrency: usize = concurrency.parse().context("CONCURRENCY")?;
             let images: Vec<String> = images.split(',').map(str::to_string).collect();
@@ -101,7 +114,9 @@ async fn churn(client: Client, rate: f64, seconds: f64) -> Result<()> {
         })
         .collect();
     if lists.is_empty() {
-        bail!("no worker node lists a filler image (start the sim with benches/fleet.sh's --node-images)");
+        bail!(
+            "no worker node lists a filler image (start the sim with benches/fleet.sh's --node-images)"
+        );
     }
     let total = (rate * seconds).round() as u64;
     let failed = Arc::new(Mutex::new(0u64));
@@ -155,7 +170,12 @@ struct Waiters {
     gone: HashMap<String, oneshot::Sender<()>>,
 }
 
-async fn bare(client: Client, namespace: &str, images: &[String], concurrency: usize) -> Result<()> {
+async fn bare(
+    client: Client,
+    namespace: &str,
+    images: &[String],
+    concurrency: usize,
+) -> Result<()> {
     let nodes: Vec<String> = worker_nodes(&client)
         .await?
         .iter()
@@ -241,7 +261,9 @@ async fn bare(client: Client, namespace: &str, images: &[String], concurrency: u
                 pods.create(&PostParams::default(), &pod)
                     .await
                     .with_context(|| format!("creating {name}"))?;
-                judged.await.with_context(|| format!("{name} never judged"))?;
+                judged
+                    .await
+                    .with_context(|| format!("{name} never judged"))?;
                 drop(permit);
                 // As kube-prefetch: the slot is free once judged; the delete
                 // runs beside the next pull.

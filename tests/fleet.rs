@@ -334,58 +334,17 @@ async fn a_pull_on_a_reporting_fake_node_shows_in_its_image_list() -> Result<()>
     // A node of its own, so the shared workers keep listing no images.
     let node = support::unique_name(&format!("{cluster}-reporter"));
     let nodes: Api<Node> = Api::all(client.clone());
-    let node_cleanup = {
-        let node = node.clone();
-        support::Cleanup::new(&cluster, format!("node {node}"), move |client| async move {
-            let nodes: Api<Node> = Api::all(client);
-            match nodes.delete(&node, &DeleteParams::default()).await {
-                Ok(_) => Ok(()),
-                Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
-                Err(err) => Err(err).context("deleting the node"),
-            }
-        })
-    };
+    let node_cleanup = delete_nodes_later(&cluster, vec![node.clone()]);
     let preloaded = "registry.k8s.io/pause:3.10";
+    let mut manifest = fake_node(&node, "amd64", json!({}));
+    manifest["metadata"]["annotations"]["kube-prefetch.sim/report-images"] = json!("true");
+    // What the node starts with (as `up --node-images` sets it).
+    manifest["status"] = json!({ "images": [{ "names": [preloaded], "sizeBytes": 1 }] });
     nodes
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "apiVersion": "v1",
-                "kind": "Node",
-                "metadata": {
-                    "name": node,
-                    "annotations": {
-                        "kwok.x-k8s.io/node": "fake",
-                        "kube-prefetch.sim/report-images": "true",
-                    },
-                    "labels": {
-                        "kubernetes.io/hostname": node,
-                        "kubernetes.io/os": "linux",
-                        "kubernetes.io/arch": "amd64",
-                    },
-                },
-                // What the node starts with (as `up --node-images` sets it).
-                "status": { "images": [{ "names": [preloaded], "sizeBytes": 1 }] },
-            }))?,
-        )
+        .create(&PostParams::default(), &serde_json::from_value(manifest)?)
         .await
         .context("creating the reporting node")?;
-    support::wait_for("the node Ready", Duration::from_secs(30), || {
-        let nodes = nodes.clone();
-        let node = node.clone();
-        async move {
-            let ready = nodes
-                .get(&node)
-                .await?
-                .status
-                .and_then(|status| status.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
-            Ok(ready.then_some(()))
-        }
-    })
-    .await?;
+    wait_nodes_ready(&nodes, vec![node.clone()]).await?;
 
     apply(
         &ns.api::<Prefetch>(),

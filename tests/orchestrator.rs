@@ -263,64 +263,6 @@ async fn image_change_and_new_node_start_pulls_within_two_seconds() -> Result<()
     Ok(())
 }
 
-/// Waits until KWOK reports every named node Ready; returns when it saw that.
-async fn wait_nodes_ready(nodes: &Api<Node>, names: Vec<String>) -> Result<Instant> {
-    support::wait_for("test nodes Ready", Duration::from_secs(30), || {
-        let nodes = nodes.clone();
-        let names = names.clone();
-        async move {
-            for name in names {
-                let ready = nodes
-                    .get(&name)
-                    .await?
-                    .status
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True");
-                if !ready {
-                    return Ok(None);
-                }
-            }
-            Ok(Some(Instant::now()))
-        }
-    })
-    .await
-}
-
-/// Deletes test nodes at the end of the test, or when it fails.
-fn delete_nodes_later(cluster: &str, names: Vec<String>) -> support::Cleanup {
-    support::Cleanup::new(
-        cluster,
-        format!("nodes {names:?}"),
-        move |client| async move {
-            let nodes: Api<Node> = Api::all(client);
-            for name in names {
-                let _ = nodes.delete(&name, &DeleteParams::default()).await;
-            }
-            Ok(())
-        },
-    )
-}
-
-fn fake_node(name: &str, arch: &str, extra_spec: serde_json::Value) -> serde_json::Value {
-    json!({
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {
-            "name": name,
-            "annotations": { "kwok.x-k8s.io/node": "fake" },
-            "labels": {
-                "kubernetes.io/hostname": name,
-                "kubernetes.io/os": "linux",
-                "kubernetes.io/arch": arch,
-                "type": "kwok",
-            },
-        },
-        "spec": extra_spec,
-    })
-}
-
 /// Acceptance 4: a node that reports the image gets no pull pod.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_reporting_the_image_gets_no_pull_pod() -> Result<()> {

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, CustomResourceExt, ResourceExt};
 use kube_prefetch::actors::status::{ClusterHealth, StatusView};
@@ -598,4 +598,64 @@ pub fn log_lines_with(path: &Path, needle: &str) -> Vec<String> {
 
 pub fn ensure(condition: bool, message: impl FnOnce() -> String) -> Result<()> {
     if condition { Ok(()) } else { bail!(message()) }
+}
+
+// Fake nodes of a test's own, beside the sim's shared ones.
+
+/// Waits until KWOK reports every named node Ready; returns when it saw that.
+pub async fn wait_nodes_ready(nodes: &Api<Node>, names: Vec<String>) -> Result<Instant> {
+    support::wait_for("test nodes Ready", Duration::from_secs(30), || {
+        let nodes = nodes.clone();
+        let names = names.clone();
+        async move {
+            for name in names {
+                let ready = nodes
+                    .get(&name)
+                    .await?
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True");
+                if !ready {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(Instant::now()))
+        }
+    })
+    .await
+}
+
+/// Deletes test nodes at the end of the test, or when it fails.
+pub fn delete_nodes_later(cluster: &str, names: Vec<String>) -> support::Cleanup {
+    support::Cleanup::new(
+        cluster,
+        format!("nodes {names:?}"),
+        move |client| async move {
+            let nodes: Api<Node> = Api::all(client);
+            for name in names {
+                let _ = nodes.delete(&name, &DeleteParams::default()).await;
+            }
+            Ok(())
+        },
+    )
+}
+
+pub fn fake_node(name: &str, arch: &str, extra_spec: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "annotations": { "kwok.x-k8s.io/node": "fake" },
+            "labels": {
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": arch,
+                "type": "kwok",
+            },
+        },
+        "spec": extra_spec,
+    })
 }

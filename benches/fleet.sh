@@ -34,7 +34,7 @@
 #   FLEET_IMAGES (5), FLEET_APP_IMAGES (10), FLEET_FILLER_MIB (1),
 #   FLEET_API_QPS (100), FLEET_PARALLEL (100: per Prefetch and per cluster),
 #   FLEET_CHURN_RATES ("10 50"), FLEET_CHURN_SECONDS (30), FLEET_SETTLE (30),
-#   FLEET_TIMEOUT (900 s for READY).
+#   FLEET_TIMEOUT (900 s for READY), FLEET_KEEP (set: keep the logs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -95,7 +95,7 @@ cleanup() {
     log "stopping the benchmark clusters"
     clusters/sim/down || { log "down failed: run KUBE_PREFETCH_SIM_PORT_OFFSET=$offset KUBE_PREFETCH_SIM_RUN=$run_dir clusters/sim/down"; code=1; }
   fi
-  if [ "$code" -eq 0 ]; then rm -rf "$work"; else log "failed (exit $code); logs kept in $work"; fi
+  if [ "$code" -eq 0 ] && [ -z "${FLEET_KEEP:-}" ]; then rm -rf "$work"; else log "exit $code; logs kept in $work"; fi
   exit "$code"
 }
 trap cleanup EXIT
@@ -182,7 +182,7 @@ start_kp() { # name [extra toml]
   kp_url=http://127.0.0.1:$port
 }
 
-# Waits until every Prefetch of every cluster is READY in the in-process view
+# Waits until every fleet-k Prefetch of every cluster is READY in the in-process view
 # with all its pulls ready; prints the milliseconds since $2.
 wait_ready() { # pid start_ms
   local summary
@@ -190,7 +190,7 @@ wait_ready() { # pid start_ms
     kill -0 "$1" 2>/dev/null || { tail -n 30 "$work"/*.log >&2; die "kube-prefetch exited"; }
     [ $(($(now_ms) - $2)) -lt $((timeout * 1000)) ] || die "not READY after ${timeout}s: ${summary:-no status}"
     if summary=$(curl -fsS --max-time 5 "$kp_url/api/v1/status" 2>/dev/null |
-      jq -c '[.clusters[].prefetches[]] | {n: length, ready: map(select(.phase == "READY" and .pulls.ready == .pulls.total)) | length, pulls: (map(.pulls.ready) | add), total: (map(.pulls.total) | add)}'); then
+      jq -c '[.clusters[].prefetches[] | select(.name | startswith("fleet-"))] | {n: length, ready: map(select(.phase == "READY" and .pulls.ready == .pulls.total)) | length, pulls: (map(.pulls.ready) | add), total: (map(.pulls.total) | add)}'); then
       if jq -e --argjson n $((prefetch_count * clusters)) '.n == $n and .ready == $n' <<<"$summary" >/dev/null; then
         echo $(($(now_ms) - $2))
         return 0

@@ -13,7 +13,7 @@
 # nice 19, so that tests running beside it keep their timing.
 #
 # usage: benches/fanout.sh
-# knobs (environment): FANOUT_WORKERS (100, at most 199), FANOUT_IMAGES (5, at
+# knobs (environment): FANOUT_WORKERS (100, at most 2499), FANOUT_IMAGES (5, at
 #   most 8), FANOUT_API_QPS (20, the shipped default of defaults.api_qps),
 #   FANOUT_TIMEOUT (seconds to wait for READY in kube-prefetch's view, 300),
 #   FANOUT_OBJECT_WAIT (seconds more for the Prefetch object to say READY, 30).
@@ -22,6 +22,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
+
+# shellcheck source-path=SCRIPTDIR
+source benches/lib.sh
 
 log() { printf '[fanout] %s\n' "$*" >&2; }
 die() { printf '[fanout] error: %s\n' "$*" >&2; exit 1; }
@@ -34,8 +37,8 @@ object_wait=${FANOUT_OBJECT_WAIT:-30}
 offset=${FANOUT_SIM_PORT_OFFSET:-100}
 run_dir=${FANOUT_SIM_RUN:-/tmp/kp-bench-run}
 
-if ! [[ $workers =~ ^[1-9][0-9]*$ ]] || [ "$workers" -gt 199 ]; then
-  die "FANOUT_WORKERS must be 1..199 (sim clusters have at most 200 nodes), got '$workers'"
+if ! [[ $workers =~ ^[1-9][0-9]*$ ]] || [ "$workers" -gt 2499 ]; then
+  die "FANOUT_WORKERS must be 1..2499 (sim clusters have at most 2500 nodes), got '$workers'"
 fi
 [[ $image_count =~ ^[1-8]$ ]] || die "FANOUT_IMAGES must be 1..8, got '$image_count'"
 [[ $timeout =~ ^[1-9][0-9]*$ ]] || die "FANOUT_TIMEOUT must be a positive number of seconds, got '$timeout'"
@@ -133,11 +136,7 @@ kubectl create namespace "$namespace" >/dev/null
 } | kubectl apply -f - >/dev/null
 
 # A free loopback port for kube-prefetch's HTTP server.
-port=""
-for candidate in $(seq 18180 18280); do
-  if ! ss -Hltn "sport = :$candidate" | grep -q .; then port=$candidate; break; fi
-done
-[ -n "$port" ] || die "no free port in 18180..18280 on 127.0.0.1"
+port=$(free_port 18180) || die "no free port in 18180..18280 on 127.0.0.1"
 url=http://127.0.0.1:$port
 
 config=$work/fanout.toml
@@ -157,15 +156,6 @@ api_qps = $api_qps
 path = "$kubeconfig"
 EOF
 
-# CPU seconds (user + system) of a process, from /proc/PID/stat fields 14
-# and 15 (counted after the ")" that ends the command name).
-clk_tck=$(getconf CLK_TCK)
-cpu_ticks() { # pid
-  local stat
-  stat=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
-  stat=${stat##*) }
-  awk '{print $12 + $13}' <<<"$stat"
-}
 sim_pids() {
   local c
   for c in etcd kube-apiserver kwok; do cat "$run_dir/sim-1/$c.pid"; done
@@ -174,13 +164,6 @@ sim_ticks() {
   local total=0 pid
   for pid in $(sim_pids); do total=$((total + $(cpu_ticks "$pid"))); done
   echo "$total"
-}
-seconds() { awk -v t="$1" -v hz="$clk_tck" 'BEGIN {printf "%.2f", t / hz}'; }
-now_ms() { date +%s%3N; }
-
-metric() { # name: summed over label sets
-  curl -fsS --max-time 5 "$url/metrics" |
-    awk -v name="$1" '$1 == name || index($1, name "{") == 1 {sum += $NF} END {printf "%d", sum}'
 }
 
 log "running kube-prefetch: $pulls pulls ($workers workers x $image_count images), api_qps $api_qps"
@@ -234,10 +217,10 @@ if [ -z "$object_ms" ]; then
   kubectl -n "$namespace" get prefetch fanout -o json | jq -c .status >&2 || true
 fi
 
-peak_rss_kb=$(awk '/^VmHWM:/ {print $2}' "/proc/$kp_pid/status")
-status_writes=$(metric kube_prefetch_status_writes_total)
-created=$(metric kube_prefetch_pull_pods_created_total)
-finished=$(metric kube_prefetch_pulls_finished_total)
+peak_rss_kb=$(peak_rss_kb "$kp_pid")
+status_writes=$(metric "$url" kube_prefetch_status_writes_total)
+created=$(metric "$url" kube_prefetch_pull_pods_created_total)
+finished=$(metric "$url" kube_prefetch_pulls_finished_total)
 
 # Judged pull pods are deleted; give the last deletions a moment, then count
 # what is left, as a check that the run cleaned up after itself.

@@ -9,11 +9,11 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use harness::*;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube_prefetch::api::{Phase, Prefetch};
 use serde_json::json;
 
@@ -318,5 +318,84 @@ async fn restart_of_a_ready_prefetch_creates_no_pull_pod() -> Result<()> {
         after - before
     );
     ns.cleanup().await?;
+    Ok(())
+}
+
+/// The sim's image reporter plays the kubelet for fake nodes annotated
+/// `kube-prefetch.sim/report-images=true`: a few seconds after kube-prefetch's
+/// pull on such a node succeeds, the node lists the image in
+/// `status.images`, largest first, beside the images it had already.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_on_a_reporting_fake_node_shows_in_its_image_list() -> Result<()> {
+    let _serial = setup().await;
+    let cluster = support::cluster_names()[2].clone();
+    let ns = support::TestNamespace::create(&cluster, "reporter").await?;
+    let client = ns.client();
+    // A node of its own, so the shared workers keep listing no images.
+    let node = support::unique_name(&format!("{cluster}-reporter"));
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node_cleanup = delete_nodes_later(&cluster, vec![node.clone()]);
+    let preloaded = "registry.k8s.io/pause:3.10";
+    let mut manifest = fake_node(&node, "amd64", json!({}));
+    manifest["metadata"]["annotations"]["kube-prefetch.sim/report-images"] = json!("true");
+    // What the node starts with (as `up --node-images` sets it).
+    manifest["status"] = json!({ "images": [{ "names": [preloaded], "sizeBytes": 1 }] });
+    nodes
+        .create(&PostParams::default(), &serde_json::from_value(manifest)?)
+        .await
+        .context("creating the reporting node")?;
+    wait_nodes_ready(&nodes, vec![node.clone()]).await?;
+
+    apply(
+        &ns.api::<Prefetch>(),
+        prefetch_json(
+            "reported",
+            json!({ "images": ["busybox:1.36"], "node_filter": node }),
+        ),
+    )
+    .await?;
+    let _orchestrator = Orchestrator::start("reporter", Options::default()).await?;
+    let ready = wait_phase(&client, ns.name(), "reported", Phase::Ready, READY_TIMEOUT).await?;
+    ensure!(ready.pulls.ready == 1, "one pull on the node: {ready:?}");
+
+    let images = support::wait_for("busybox in status.images", Duration::from_secs(30), || {
+        let nodes = nodes.clone();
+        let node = node.clone();
+        async move {
+            let images = nodes
+                .get(&node)
+                .await?
+                .status
+                .and_then(|status| status.images)
+                .unwrap_or_default();
+            let listed = images.iter().any(|image| {
+                image
+                    .names
+                    .iter()
+                    .flatten()
+                    .any(|name| name == "docker.io/library/busybox:1.36")
+            });
+            Ok(listed.then_some(images))
+        }
+    })
+    .await?;
+    let names: Vec<_> = images
+        .iter()
+        .map(|image| image.names.clone().unwrap_or_default())
+        .collect();
+    ensure!(
+        names.iter().flatten().any(|name| name == preloaded),
+        "the image it started with is kept: {names:?}"
+    );
+    let sizes: Vec<i64> = images
+        .iter()
+        .map(|image| image.size_bytes.unwrap_or_default())
+        .collect();
+    ensure!(
+        sizes.windows(2).all(|pair| pair[0] >= pair[1]),
+        "largest first, as the kubelet lists them: {sizes:?}"
+    );
+    ns.cleanup().await?;
+    node_cleanup.run().await?;
     Ok(())
 }

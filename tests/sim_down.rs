@@ -189,7 +189,7 @@ fn assert_all_gone(run_dir: &Path) {
 async fn down_leaves_no_process_or_port_behind() {
     let sim = support::sim().await;
     let pids = recorded_pids(&sim.run_dir);
-    // etcd, kube-apiserver and kwok per cluster (with real nodes, also the
+    // etcd, kube-apiserver, kwok and the image reporter per cluster (with real nodes, also the
     // node lifecycle controller's in run/real-nodes/).
     let cluster_daemons = pids
         .iter()
@@ -197,7 +197,7 @@ async fn down_leaves_no_process_or_port_behind() {
         .count();
     assert_eq!(
         cluster_daemons,
-        3 * sim.clusters.len(),
+        4 * sim.clusters.len(),
         "pid files: {pids:?}"
     );
     for (file, pid) in &pids {

@@ -12,6 +12,13 @@ SIM_CACHE_ROOT=${KUBE_PREFETCH_SIM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kube-p
 # shellcheck disable=SC2034 # used by the scripts that source this
 SIM_BIN=$SIM_CACHE_ROOT/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION
 SIM_RUN=${KUBE_PREFETCH_SIM_RUN:-$SIM_DIR/run}
+# The sim's own Go tools (the image reporter) are rebuilt when their source
+# changes; the pinned modules they build against are part of the key.
+sim_tools_key() {
+  cat "$SIM_DIR"/go/k8s/go.mod "$SIM_DIR"/go/k8s/go.sum "$SIM_DIR"/go/k8s/imagereporter/*.go | sha256sum | cut -c1-12
+}
+# shellcheck disable=SC2034 # used by the scripts that source this
+SIM_TOOLS_BIN=$SIM_CACHE_ROOT/sim-tools-$(sim_tools_key)
 # Beside the run dir, not in it: `down` removes the run dir while holding it.
 SIM_LOCK=$SIM_RUN.lock
 
@@ -29,9 +36,14 @@ apiserver_port() { echo $((26440 + SIM_PORT_OFFSET + $1)); }
 # The cluster index is part of every port, so it is bounded.
 # shellcheck disable=SC2034 # used by up
 SIM_MAX_CLUSTERS=9
+# Fake nodes per cluster: node IPs and pod CIDRs are derived from the node
+# index (see up), which keeps them unique up to this many.
+# shellcheck disable=SC2034 # used by up
+SIM_MAX_NODES=2500
 
 # The processes of one cluster, in start order.
-SIM_COMPONENTS=(etcd kube-apiserver kwok)
+# image-reporter writes node.status.images of fake nodes as a kubelet would.
+SIM_COMPONENTS=(etcd kube-apiserver kwok image-reporter)
 
 log() { printf '[sim] %s\n' "$*" >&2; }
 die() { printf '[sim] error: %s\n' "$*" >&2; exit 1; }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Subject};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
@@ -760,11 +760,10 @@ pub fn ensure(condition: bool, message: impl FnOnce() -> String) -> Result<()> {
     if condition { Ok(()) } else { bail!(message()) }
 }
 
+// Fake nodes of a test's own, beside the sim's shared ones.
+
 /// Waits until KWOK reports every named node Ready; returns when it saw that.
-pub async fn wait_nodes_ready(
-    nodes: &Api<k8s_openapi::api::core::v1::Node>,
-    names: Vec<String>,
-) -> Result<Instant> {
+pub async fn wait_nodes_ready(nodes: &Api<Node>, names: Vec<String>) -> Result<Instant> {
     support::wait_for("test nodes Ready", Duration::from_secs(30), || {
         let nodes = nodes.clone();
         let names = names.clone();
@@ -794,7 +793,7 @@ pub fn delete_nodes_later(cluster: &str, names: Vec<String>) -> support::Cleanup
         cluster,
         format!("nodes {names:?}"),
         move |client| async move {
-            let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client);
+            let nodes: Api<Node> = Api::all(client);
             for name in names {
                 let _ = nodes.delete(&name, &DeleteParams::default()).await;
             }

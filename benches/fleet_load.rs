@@ -81,7 +81,8 @@ async fn connect(kubeconfig: &str, context: &str, qps: Option<f64>) -> Result<Cl
         kubeconfig: kubeconfig.into(),
         context: context.to_string(),
     };
-    build_client(&target, qps)
+    // A bench is no replica of a leader-elected Deployment: writes are open.
+    build_client(&target, qps, kube_prefetch::leader::WriteGate::open())
         .await
         .with_context(|| format!("client for {context} in {kubeconfig}"))
 }

@@ -38,7 +38,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
-# shellcheck source-path=SCRIPTDIR
+# shellcheck source=benches/lib.sh
 source benches/lib.sh
 
 log() { printf '[fleet] %s\n' "$*" >&2; }

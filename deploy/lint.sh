@@ -22,8 +22,8 @@ fi
 
 scripts=(clusters/sim/build clusters/sim/up clusters/sim/down clusters/sim/kubectl
   clusters/sim/check-ports clusters/sim/daemon clusters/sim/lib.sh clusters/sim/real.sh clusters/sim/push-image
-  deploy/demo.sh deploy/lint.sh
-  benches/fanout.sh .ci/run)
+  deploy/demo.sh deploy/lint.sh deploy/install-browser.sh
+  benches/fanout.sh benches/fleet.sh benches/lib.sh .ci/run)
 echo "lint: shellcheck ${#scripts[@]} scripts"
 shellcheck "${scripts[@]}"
 echo "lint: hadolint Dockerfile"

@@ -280,16 +280,7 @@ impl Planner {
 
     /// The whole desired set over `nodes`.
     pub fn plan<'a>(&self, nodes: impl IntoIterator<Item = &'a NodeView>) -> DesiredSet {
-        let mut desired = DesiredSet {
-            images: self.images.clone(),
-            invalid_images: self.invalid_images.clone(),
-            ..DesiredSet::default()
-        };
-        for node in nodes {
-            let plan = self.plan_node(node);
-            desired.replace_node(&node.name, plan);
-        }
-        desired
+        self.plan_within(nodes, usize::MAX).0
     }
 
     /// Like [`Planner::plan`], but gives up as soon as the set holds more

@@ -144,60 +144,6 @@ async fn screenshot(browser: &Client, (width, height): (u32, u32), name: &str) -
     Ok(path)
 }
 
-/// A daemon of the sim, stopped and later started again with the same
-/// command line, pid file and log, the way `clusters/sim/up` started it.
-struct StoppedDaemon {
-    pid_file: PathBuf,
-    log_file: PathBuf,
-    args: Vec<String>,
-}
-
-fn kill_daemon(dir: &Path, name: &str) -> Result<StoppedDaemon> {
-    let pid_file = dir.join(format!("{name}.pid"));
-    let pid: u32 = std::fs::read_to_string(&pid_file)
-        .with_context(|| format!("reading {}", pid_file.display()))?
-        .trim()
-        .parse()
-        .with_context(|| format!("{} holds no pid", pid_file.display()))?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
-        .with_context(|| format!("reading the command line of {name} (pid {pid})"))?;
-    let args: Vec<String> = cmdline
-        .split(|byte| *byte == 0)
-        .filter(|arg| !arg.is_empty())
-        .map(|arg| String::from_utf8_lossy(arg).into_owned())
-        .collect();
-    let status = Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()?;
-    ensure!(status.success(), "kill -KILL {pid} ({name}) failed");
-    Ok(StoppedDaemon {
-        pid_file,
-        log_file: dir.join(format!("{name}.log")),
-        args,
-    })
-}
-
-impl StoppedDaemon {
-    fn start_again(&self) -> Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&self.log_file)?;
-        Command::new("setsid")
-            .arg("bash")
-            .arg("-c")
-            .arg("echo $$ >\"$0\"; exec \"$@\"")
-            .arg(&self.pid_file)
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting the daemon again")?;
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_in_chromium_follows_the_clusters_live() -> Result<()> {
     let _serial = setup().await;
@@ -299,8 +245,7 @@ async fn scenario(
 
     // Stop the last cluster's API server: Unreachable within seconds.
     let last = clusters.last().context("no cluster")?;
-    let dir = support::repo_root().join("clusters/sim/run").join(last);
-    let stopped = kill_daemon(&dir, "kube-apiserver")?;
+    let mut stopped = KilledDaemon::kill(last, "kube-apiserver")?;
     let stopped_at = Instant::now();
     let outcome = wait_page(
         browser,
@@ -310,7 +255,7 @@ async fn scenario(
     )
     .await;
     let seen_after = stopped_at.elapsed();
-    stopped.start_again()?;
+    stopped.start()?;
     outcome?;
     wait_page(
         browser,

@@ -422,60 +422,6 @@ async fn unreachable_clusters_recover_when_their_port_opens() -> Result<()> {
     Ok(())
 }
 
-/// Runs `clusters/sim/daemon CLUSTER COMPONENT ACTION`.
-fn sim_daemon(cluster: &str, component: &str, action: &str) -> Result<()> {
-    let script = support::repo_root().join("clusters/sim/daemon");
-    let output = std::process::Command::new(&script)
-        .args([cluster, component, action])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    ensure!(
-        output.status.success(),
-        "clusters/sim/daemon {cluster} {component} {action}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(())
-}
-
-/// A killed sim daemon, started again by [`KilledDaemon::start`] or, if the
-/// test fails first, on drop: later tests need the cluster.
-struct KilledDaemon {
-    cluster: String,
-    component: &'static str,
-    running: bool,
-}
-
-impl KilledDaemon {
-    fn kill(cluster: &str, component: &'static str) -> Result<KilledDaemon> {
-        sim_daemon(cluster, component, "kill")?;
-        Ok(KilledDaemon {
-            cluster: cluster.to_string(),
-            component,
-            running: false,
-        })
-    }
-
-    fn start(&mut self) -> Result<()> {
-        sim_daemon(&self.cluster, self.component, "start")?;
-        self.running = true;
-        Ok(())
-    }
-}
-
-impl Drop for KilledDaemon {
-    fn drop(&mut self) {
-        if !self.running
-            && let Err(error) = sim_daemon(&self.cluster, self.component, "start")
-        {
-            eprintln!(
-                "starting {} of {} again: {error:#}",
-                self.component, self.cluster
-            );
-        }
-    }
-}
-
 /// Cases 1 and 2: `component` of the second cluster is SIGKILLed once
 /// `kill_at` of its `images` × 3 pulls were created, and started again
 /// `down_for` later; the other two clusters run a fan-out meanwhile.

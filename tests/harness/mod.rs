@@ -931,3 +931,57 @@ pub async fn delete_rbac(client: &Client, name: Option<&str>) -> Result<()> {
     )
     .await
 }
+
+/// Runs `clusters/sim/daemon CLUSTER COMPONENT ACTION`.
+pub fn sim_daemon(cluster: &str, component: &str, action: &str) -> Result<()> {
+    let script = support::repo_root().join("clusters/sim/daemon");
+    let output = std::process::Command::new(&script)
+        .args([cluster, component, action])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "clusters/sim/daemon {cluster} {component} {action}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+/// A killed sim daemon, started again by [`KilledDaemon::start`] or, if the
+/// test fails first, on drop: later tests need the cluster.
+pub struct KilledDaemon {
+    cluster: String,
+    component: &'static str,
+    running: bool,
+}
+
+impl KilledDaemon {
+    pub fn kill(cluster: &str, component: &'static str) -> Result<KilledDaemon> {
+        sim_daemon(cluster, component, "kill")?;
+        Ok(KilledDaemon {
+            cluster: cluster.to_string(),
+            component,
+            running: false,
+        })
+    }
+
+    pub fn start(&mut self) -> Result<()> {
+        sim_daemon(&self.cluster, self.component, "start")?;
+        self.running = true;
+        Ok(())
+    }
+}
+
+impl Drop for KilledDaemon {
+    fn drop(&mut self) {
+        if !self.running
+            && let Err(error) = sim_daemon(&self.cluster, self.component, "start")
+        {
+            eprintln!(
+                "starting {} of {} again: {error:#}",
+                self.component, self.cluster
+            );
+        }
+    }
+}

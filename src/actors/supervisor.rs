@@ -264,6 +264,21 @@ impl Handler<ClusterPanicked> for Supervisor {
     }
 }
 
+impl Supervisor {
+    /// Stops the running clusters and forgets the crashed ones.
+    fn stop_every_cluster(&mut self, ctx: &mut Context<Self>) {
+        let names: Vec<String> = self
+            .running
+            .keys()
+            .chain(self.crashed.keys())
+            .cloned()
+            .collect();
+        for name in names {
+            self.stop_cluster(&name, ctx);
+        }
+    }
+}
+
 impl Actor for Supervisor {
     type Context = Context<Self>;
 
@@ -276,15 +291,7 @@ impl Actor for Supervisor {
     }
 
     fn stopped(&mut self, ctx: &mut Self::Context) {
-        let names: Vec<String> = self
-            .running
-            .keys()
-            .chain(self.crashed.keys())
-            .cloned()
-            .collect();
-        for name in names {
-            self.stop_cluster(&name, ctx);
-        }
+        self.stop_every_cluster(ctx);
     }
 }
 
@@ -300,15 +307,7 @@ impl Handler<StopClusters> for Supervisor {
     fn handle(&mut self, _: StopClusters, ctx: &mut Self::Context) {
         // Nothing is reloaded or restarted after this.
         self.stopped = true;
-        let names: Vec<String> = self
-            .running
-            .keys()
-            .chain(self.crashed.keys())
-            .cloned()
-            .collect();
-        for name in names {
-            self.stop_cluster(&name, ctx);
-        }
+        self.stop_every_cluster(ctx);
         info!("stopped every cluster");
     }
 }

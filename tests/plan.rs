@@ -18,22 +18,11 @@ use serde_json::{Value, json};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// `kube-prefetch plan` with `extra` arguments: its stdout, which must be
+/// all it printed there (logs go to stderr).
 async fn run_plan(config: &std::path::Path, extra: &[&str]) -> Result<String> {
-    let output = tokio::process::Command::new(binary())
-        .arg("plan")
-        .arg("--config")
-        .arg(config)
-        .args(extra)
-        .env("NO_COLOR", "1")
-        .output()
-        .await
-        .context("running kube-prefetch plan")?;
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    ensure!(
-        output.status.success(),
-        "plan failed: {stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let (ok, stdout, stderr) = run_subcommand("plan", config, extra).await?;
+    ensure!(ok, "plan failed: {stdout}{stderr}");
     Ok(stdout)
 }
 

@@ -69,21 +69,12 @@ async fn may(client: &Client, verb: &str, group: &str, resource: &str) -> Result
 /// Runs `kube-prefetch <command> --config <config>`: whether it exited 0,
 /// and its stdout followed by any stderr.
 async fn run_binary(command: &str, config: &Path) -> Result<(bool, String)> {
-    let output = tokio::process::Command::new(binary())
-        .arg(command)
-        .arg("--config")
-        .arg(config)
-        .env("NO_COLOR", "1")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .with_context(|| format!("running kube-prefetch {command}"))?;
-    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
-    if !output.stderr.is_empty() {
+    let (ok, mut text, stderr) = run_subcommand(command, config, &[]).await?;
+    if !stderr.is_empty() {
         text.push_str("--- stderr ---\n");
-        text.push_str(&String::from_utf8_lossy(&output.stderr));
+        text.push_str(&stderr);
     }
-    Ok((output.status.success(), text))
+    Ok((ok, text))
 }
 
 /// Lines that report an authorization failure: "forbidden" in any case, or

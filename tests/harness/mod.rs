@@ -139,6 +139,30 @@ pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_kube-prefetch"))
 }
 
+/// Runs `kube-prefetch <command> --config <config> <extra...>` without
+/// colours or stdin: whether it exited 0, its stdout and its stderr.
+pub async fn run_subcommand(
+    command: &str,
+    config: &Path,
+    extra: &[&str],
+) -> Result<(bool, String, String)> {
+    let output = tokio::process::Command::new(binary())
+        .arg(command)
+        .arg("--config")
+        .arg(config)
+        .args(extra)
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("running kube-prefetch {command}"))?;
+    Ok((
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
 pub fn free_port() -> Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(listener.local_addr()?.port())

@@ -137,16 +137,11 @@ pub fn explain<'a>(
     let mut explanation = Explanation::default();
     let mut desired = DesiredSet::default();
     for node in &nodes {
-        match planner.plan_node(node) {
-            Some(pairs) => {
+        match planner.plan_or_skip(node) {
+            Ok(pairs) => {
                 desired.replace_node(&node.name, Some(pairs));
             }
-            None => {
-                let reason = planner
-                    .skip_reason(node)
-                    .unwrap_or(SkipReason::TaintNotTolerated);
-                explanation.skipped.push((node.name.clone(), reason));
-            }
+            Err(reason) => explanation.skipped.push((node.name.clone(), reason)),
         }
     }
     // Same order as the tracker: a node report first, then the record.

@@ -254,18 +254,18 @@ impl Planner {
         (any_allowed || nothing_to_pull).then_some(pairs)
     }
 
-    /// Why [`Planner::plan_node`] gives `node` nothing (`None` when it does
-    /// plan pairs there): the Prefetch's own targeting first, then the
-    /// sources' constraints (the first source's reason when none allows it).
-    pub fn skip_reason(&self, node: &NodeView) -> Option<SkipReason> {
+    /// [`Planner::plan_node`], with the reason when it gives `node` nothing:
+    /// the Prefetch's own targeting first, then the sources' constraints
+    /// (the first source's reason when none allows the node).
+    pub fn plan_or_skip(&self, node: &NodeView) -> Result<Vec<PullTarget>, SkipReason> {
         if let Some(reason) = self.targeting.refusal(node) {
-            return Some(reason);
+            return Err(reason);
         }
-        if self.plan_node(node).is_some() {
-            return None;
+        if let Some(pairs) = self.plan_node(node) {
+            return Ok(pairs);
         }
         let workload_count = self.sources.len() - usize::from(self.has_extras);
-        self.sources.iter().enumerate().find_map(|(index, source)| {
+        let reason = self.sources.iter().enumerate().find_map(|(index, source)| {
             if index >= workload_count {
                 // Own images: targeted already, so a taint refused them.
                 Some(SkipReason::TaintNotTolerated)
@@ -275,7 +275,9 @@ impl Planner {
                     .as_ref()
                     .and_then(|scheduling| scheduling.refusal(node))
             }
-        })
+        });
+        // Every source refused the node, so one of them gave a reason.
+        Err(reason.unwrap_or(SkipReason::TaintNotTolerated))
     }
 
     /// The whole desired set over `nodes`.

@@ -20,6 +20,7 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams};
 use kube_prefetch::api::{Phase, Prefetch};
+use kube_prefetch::pull::targeting::NodeView;
 use realnode::*;
 use serde_json::json;
 
@@ -586,7 +587,7 @@ async fn kubelet_stopped_mid_pull_recovers() -> Result<()> {
             Duration::from_secs(120),
             || async {
                 let node = nodes.get(&node_name).await?;
-                Ok((node_ready_status(&node).as_deref() != Some("True")).then_some(()))
+                Ok((!NodeView::from_node(&node).ready).then_some(()))
             },
         )
         .await
@@ -657,15 +658,4 @@ async fn kubelet_stopped_mid_pull_recovers() -> Result<()> {
         ns.cleanup().await?;
     }
     Ok(())
-}
-
-/// The status of a node's Ready condition ("True", "False", "Unknown").
-fn node_ready_status(node: &k8s_openapi::api::core::v1::Node) -> Option<String> {
-    node.status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .map(|c| c.status.clone())
 }

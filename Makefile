@@ -57,20 +57,10 @@ test-faults:
 	$(CARGO) test $(TEST_FEATURES) --test faults -- --ignored --test-threads 1 --nocapture $(FAULTS_SKIP)
 
 ## Format and lint checks, then every test against fresh simulated clusters:
-## first on fake (KWOK) nodes, then the real-node tests with real kubelets
-## added to sim-1. The clusters are stopped at the end whatever happens; the
-## exit code is the first failure's.
+## first on fake (KWOK) nodes, then the fault suite, then the real-node tests
+## with real kubelets added to sim-1 (deploy/test.sh: the builds overlap the
+## tests, and each step's time is printed at the end). The clusters are
+## stopped at the end whatever happens; the exit code is the first failure's.
 test:
-	trap 'clusters/sim/down >/dev/null 2>&1 || echo "make test: clusters/sim/down failed" >&2' EXIT; \
-	$(CARGO) fmt --all -- --check; \
-	$(CARGO) clippy --all-targets $(TEST_FEATURES) -- -D warnings; \
-	deploy/lint.sh; \
-	clusters/sim/build --real-nodes; \
-	deploy/install-browser.sh; \
-	clusters/sim/up --clusters $(SIM_CLUSTERS) --nodes $(SIM_NODES); \
-	$(CARGO) test $(TEST_FEATURES); \
-	$(MAKE) --no-print-directory test-faults; \
-	clusters/sim/up --clusters $(SIM_CLUSTERS) --nodes $(SIM_NODES) --real-nodes $(SIM_REAL_NODES); \
-	$(CARGO) test $(TEST_FEATURES) --test real_nodes -- --ignored --test-threads 1 --nocapture; \
-	$(CARGO) test $(TEST_FEATURES) --test sim_down -- --ignored --test-threads 1; \
-	clusters/sim/check-ports
+	CARGO='$(CARGO)' TEST_FEATURES='$(TEST_FEATURES)' FAULTS_SKIP='$(FAULTS_SKIP)' \
+	SIM_REAL_NODES='$(SIM_REAL_NODES)' deploy/test.sh

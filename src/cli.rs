@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use crate::actors::cluster::build_client;
 use crate::actors::status::{ClusterHealth, STANDBY, SetStandby, StatusActor, StatusView};
-use crate::actors::supervisor::{Reload, StopClusters, Supervisor};
+use crate::actors::supervisor::{ClusterRegistry, Reload, StopClusters, Supervisor};
 use crate::api::{Phase, Prefetch, WorkloadKind};
 use crate::config::{self, ClusterTarget, Config};
 use crate::error::{api_status_code, describe_kube_error};
@@ -233,7 +233,9 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
         }
         let metrics = Metrics::default();
         let listen = config.server.listen;
-        let server = crate::http::serve(listen, status.clone(), metrics.clone())?;
+        // Filled by the supervisor; the drill-down asks the clusters in it.
+        let clusters = ClusterRegistry::default();
+        let server = crate::http::serve(listen, status.clone(), metrics.clone(), clusters.clone())?;
         let server_handle = server.handle();
         actix::spawn(server);
         info!(%listen, clusters = targets.len(), "kube-prefetch running");
@@ -259,8 +261,16 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
         } else {
             WriteGate::open()
         };
-        let supervisor =
-            Supervisor::new(config_path, config, targets, gate.clone(), status, metrics).start();
+        let supervisor = Supervisor::new(
+            config_path,
+            config,
+            targets,
+            gate.clone(),
+            status,
+            metrics,
+            clusters,
+        )
+        .start();
         let mut lease_lost = false;
         let outcome = {
             let lost = async {

@@ -1,6 +1,7 @@
 //! HTTP endpoints: the aggregated status (JSON and a live event stream),
-//! metrics, health and the dashboard. Everything is read from the
-//! StatusActor; nothing here talks to a cluster.
+//! metrics, health, the dashboard and a Prefetch's drill-down. The status
+//! is read from the StatusActor; a drill-down is asked of the Prefetch's
+//! own actor, through its ClusterActor. Nothing here talks to a cluster.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -10,13 +11,17 @@ use actix_web::{App, HttpResponse, HttpServer, dev::Server, get, web};
 
 use tracing::warn;
 
+use crate::actors::cluster::{GridError, PrefetchNodes};
 use crate::actors::status::{GetStatus, STANDBY, StatusActor, StatusView};
+use crate::actors::supervisor::ClusterRegistry;
 use crate::metrics::Metrics;
+use crate::pull::grid::GridQuery;
 
 #[derive(Clone)]
 struct AppState {
     status: Addr<StatusActor>,
     metrics: Metrics,
+    clusters: ClusterRegistry,
 }
 
 /// Binds the listener now (so a taken port fails start-up with a clear error)
@@ -25,12 +30,18 @@ pub fn serve(
     listen: SocketAddr,
     status: Addr<StatusActor>,
     metrics: Metrics,
+    clusters: ClusterRegistry,
 ) -> std::io::Result<Server> {
-    let state = AppState { status, metrics };
+    let state = AppState {
+        status,
+        metrics,
+        clusters,
+    };
     let server = HttpServer::new(move || {
         App::new()
             .app_data(web::Data::new(state.clone()))
             .service(status_json)
+            .service(prefetch_nodes)
             .service(healthz)
             .service(readyz)
             .service(metrics_text)
@@ -63,6 +74,74 @@ async fn status_json(state: web::Data<AppState>) -> HttpResponse {
     match snapshot(&state).await {
         Ok(view) => HttpResponse::Ok().json(view),
         Err(response) => response,
+    }
+}
+
+/// `{"error": "..."}` with `status`.
+fn json_error(status: actix_web::http::StatusCode, error: &str) -> HttpResponse {
+    HttpResponse::build(status).json(serde_json::json!({ "error": error }))
+}
+
+#[derive(serde::Deserialize)]
+struct NodesQuery {
+    /// Part of a node name or image, case-insensitive.
+    q: Option<String>,
+    limit: Option<usize>,
+}
+
+/// A Prefetch's drill-down: every node of its cluster with its pairs'
+/// states, or the reason it is skipped (see `crate::pull::grid`).
+#[get("/api/v1/clusters/{cluster}/prefetches/{namespace}/{name}/nodes")]
+async fn prefetch_nodes(
+    state: web::Data<AppState>,
+    path: web::Path<(String, String, String)>,
+    query: Result<web::Query<NodesQuery>, actix_web::Error>,
+) -> HttpResponse {
+    use actix_web::http::StatusCode;
+    let (cluster, namespace, name) = path.into_inner();
+    let query = match query {
+        Ok(query) => query.into_inner(),
+        Err(error) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                &format!("{error}; use q=TEXT and limit=NUMBER"),
+            );
+        }
+    };
+    let Some(addr) = state.clusters.get(&cluster) else {
+        // Not running: a standby runs none, a crashed one waits to restart.
+        let (status, error) = match snapshot(&state).await {
+            Ok(view) if view.standby => (StatusCode::SERVICE_UNAVAILABLE, STANDBY.to_string()),
+            Ok(view) => match view.clusters.iter().find(|c| c.name == cluster) {
+                Some(known) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "cluster {cluster} is not running ({})",
+                        known.health.label()
+                    ),
+                ),
+                None => (StatusCode::NOT_FOUND, format!("no cluster {cluster}")),
+            },
+            Err(_) => (StatusCode::NOT_FOUND, format!("no cluster {cluster}")),
+        };
+        return json_error(status, &error);
+    };
+    let request = PrefetchNodes {
+        namespace,
+        name,
+        query: GridQuery::new(query.q.as_deref(), query.limit),
+    };
+    match addr.send(request).await {
+        Ok(Ok(grid)) => HttpResponse::Ok().json(grid),
+        Ok(Err(GridError::NotFound(error))) => json_error(StatusCode::NOT_FOUND, &error),
+        Ok(Err(GridError::Unavailable(error))) => {
+            json_error(StatusCode::SERVICE_UNAVAILABLE, &error)
+        }
+        // Its Arbiter stopped between the look-up and the answer.
+        Err(error) => json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("cluster {cluster} did not answer: {error}"),
+        ),
     }
 }
 
@@ -232,6 +311,42 @@ mod tests {
         assert_eq!(
             sse_event("status", "a\nb"),
             "event: status\ndata: a\ndata: b\n\n"
+        );
+    }
+
+    /// An unknown cluster is a JSON 404, found by its decoded name: a
+    /// kubeconfig context may hold "/" and ":" (EKS: arn:aws:eks:...:cluster/NAME).
+    #[actix_web::test]
+    async fn an_unknown_cluster_is_a_json_404_by_its_decoded_name() {
+        use actix::Actor;
+        let state = AppState {
+            status: StatusActor::default().start(),
+            metrics: Metrics::default(),
+            clusters: ClusterRegistry::default(),
+        };
+        let app = actix_web::test::init_service(
+            App::new()
+                .app_data(web::Data::new(state))
+                .service(prefetch_nodes),
+        )
+        .await;
+        let request = actix_web::test::TestRequest::get()
+            .uri("/api/v1/clusters/arn%3Aaws%3Aeks%3Aeu%2Fprod/prefetches/team/warm/nodes")
+            .to_request();
+        let response = actix_web::test::call_service(&app, request).await;
+        assert_eq!(response.status(), 404);
+        let body: serde_json::Value = actix_web::test::read_body_json(response).await;
+        assert_eq!(body["error"], "no cluster arn:aws:eks:eu/prod");
+
+        let request = actix_web::test::TestRequest::get()
+            .uri("/api/v1/clusters/a/prefetches/team/warm/nodes?limit=many")
+            .to_request();
+        let response = actix_web::test::call_service(&app, request).await;
+        assert_eq!(response.status(), 400);
+        let body: serde_json::Value = actix_web::test::read_body_json(response).await;
+        assert!(
+            body["error"].as_str().is_some_and(|e| e.contains("limit")),
+            "{body}"
         );
     }
 

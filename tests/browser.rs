@@ -2,9 +2,12 @@
 //! through chromedriver (WebDriver), against kube-prefetch on the sim
 //! clusters. What a person would check by looking: every cluster listed, a
 //! Prefetch moving to READY without a reload, a failure with its reason, a
-//! stopped API server shown Unreachable and then Connected again.
-//! Screenshots at laptop and phone widths go to `target/screenshots/` (with
-//! `UPDATE_SCREENSHOTS=1`, to `docs/screenshots/`, which the README shows).
+//! Prefetch's drill-down (opened from the keyboard) showing its nodes ×
+//! images grid and a skipped node with its reason, a stopped API server
+//! shown Unreachable and then Connected again. Screenshots of the list and
+//! the drill-down at laptop and phone widths go to `target/screenshots/`
+//! (with `UPDATE_SCREENSHOTS=1`, to `docs/screenshots/`, which the README
+//! shows).
 //!
 //! `make test` installs chromium first (`deploy/install-browser.sh`).
 
@@ -16,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use fantoccini::{Client, ClientBuilder};
+use fantoccini::{Client, ClientBuilder, Locator};
 use harness::*;
 use kube_prefetch::api::Prefetch;
 use serde_json::{Value, json};
@@ -243,6 +246,9 @@ async fn scenario(
     browser.set_window_size(LAPTOP.0, LAPTOP.1).await?;
     println!("screenshots: {} {}", laptop.display(), phone.display());
 
+    drill_down(browser, &clusters[0], &warming).await?;
+    failed_pair(browser, &broken).await?;
+
     // Stop the last cluster's API server: Unreachable within seconds.
     let last = clusters.last().context("no cluster")?;
     let mut stopped = KilledDaemon::kill(last, "kube-apiserver")?;
@@ -265,5 +271,131 @@ async fn scenario(
     )
     .await?;
     println!("{last}: Unreachable shown {seen_after:.1?} after its API server stopped");
+    Ok(())
+}
+
+/// Opens the drill-down of `key` (`cluster/namespace/name`) from the
+/// keyboard: its grid shows the workers ready and the control plane
+/// skipped by `node_filter`, with the reason in words; its search narrows
+/// the grid; "All Prefetches" leads back to the list.
+async fn drill_down(browser: &Client, cluster: &str, key: &str) -> Result<()> {
+    let link = browser
+        .find(Locator::Css(&format!(
+            "#prefetches tbody tr[data-key={key:?}] a"
+        )))
+        .await
+        .context("the Prefetch's link")?;
+    // WebDriver's Enter key: the link works from the keyboard.
+    link.send_keys("\u{E007}").await?;
+    let control_plane = format!("{cluster}-control-plane");
+    let skipped = wait_page(
+        browser,
+        "the drill-down listing the control plane as skipped, with its reason",
+        Duration::from_secs(15),
+        &format!(
+            "const row = document.querySelector('#skipped tbody tr[data-node={control_plane:?}]'); return row && row.offsetParent !== null && row.innerText.includes('name does not contain node_filter') ? row.innerText : null;"
+        ),
+    )
+    .await?;
+    ensure!(
+        skipped
+            .as_str()
+            .is_some_and(|text| text.contains("node_filter")),
+        "the skipped row names the reason: {skipped}"
+    );
+    let worker = format!("{cluster}-worker");
+    wait_page(
+        browser,
+        "the grid showing a worker's image ready",
+        Duration::from_secs(15),
+        &format!(
+            "const row = document.querySelector('#grid tbody tr[data-node={worker:?}]'); return row && row.innerText.includes('ready') ? row.innerText : null;"
+        ),
+    )
+    .await?;
+    let heading = page_eval(
+        browser,
+        "const h = document.getElementById('drilldown-heading'); return [h.innerText, document.activeElement === h, document.getElementById('overview').hidden, document.getElementById('legend').innerText];",
+    )
+    .await?;
+    ensure!(
+        heading[0]
+            .as_str()
+            .is_some_and(|text| text.contains("warming"))
+            && heading[1] == Value::Bool(true)
+            && heading[2] == Value::Bool(true)
+            && heading[3]
+                .as_str()
+                .is_some_and(|text| text.contains("backing off")),
+        "the drill-down replaces the list, takes the focus and has a legend: {heading}"
+    );
+    let laptop = screenshot(browser, LAPTOP, "drilldown-laptop").await?;
+    let phone = screenshot(browser, PHONE, "drilldown-phone").await?;
+    browser.set_window_size(LAPTOP.0, LAPTOP.1).await?;
+    println!("screenshots: {} {}", laptop.display(), phone.display());
+
+    // A search for one worker leaves it alone in the grid.
+    let worker2 = format!("{cluster}-worker2");
+    browser
+        .find(Locator::Id("drilldown-search"))
+        .await?
+        .send_keys(&worker2)
+        .await?;
+    wait_page(
+        browser,
+        "the search narrowing the grid to one worker",
+        Duration::from_secs(15),
+        &format!(
+            "const rows = [...document.querySelectorAll('#grid tbody tr')].map(r => r.dataset.node); return rows.length === 1 && rows[0] === {worker2:?} && document.querySelectorAll('#skipped tbody tr').length === 0;"
+        ),
+    )
+    .await?;
+
+    browser
+        .find(Locator::Id("drilldown-back"))
+        .await?
+        .click()
+        .await?;
+    wait_page(
+        browser,
+        "the list again",
+        Duration::from_secs(5),
+        "return !document.getElementById('overview').hidden && !document.getElementById('clusters-section').hidden && document.getElementById('drilldown').hidden;",
+    )
+    .await?;
+    Ok(())
+}
+
+/// The broken Prefetch's grid shows its failed pair: the reason, the
+/// attempts, and the registry's error.
+async fn failed_pair(browser: &Client, key: &str) -> Result<()> {
+    browser
+        .find(Locator::Css(&format!(
+            "#prefetches tbody tr[data-key={key:?}] a"
+        )))
+        .await
+        .context("the broken Prefetch's link")?
+        .click()
+        .await?;
+    let cell = wait_page(
+        browser,
+        "the failed pair in the grid",
+        Duration::from_secs(15),
+        "const cell = document.querySelector('#grid tbody td.pair-failed'); return cell && cell.innerText.includes('ErrImagePull') ? cell.innerText : null;",
+    )
+    .await?;
+    ensure!(
+        cell.as_str()
+            .is_some_and(|text| text.contains("attempt") && text.contains("fail.invalid")),
+        "the failed cell gives the attempts and the error: {cell}"
+    );
+    browser.back().await?;
+    wait_page(
+        browser,
+        "the list again",
+        Duration::from_secs(5),
+        "return !document.getElementById('overview').hidden;",
+    )
+    .await?;
     Ok(())
 }

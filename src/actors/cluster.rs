@@ -25,8 +25,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::actors::delete_pull_pod_until_gone;
 use crate::actors::prefetch::{
-    ClusterPairLimit, NodeChanged, PodChanged, PodDeleted, PrefetchActor, Shutdown, SlotsGranted,
-    SpecChanged, Workloads, WorkloadsChanged,
+    ClusterPairLimit, GetNodeGrid, NodeChanged, PodChanged, PodDeleted, PrefetchActor, Shutdown,
+    SlotsGranted, SpecChanged, Workloads, WorkloadsChanged,
 };
 use crate::actors::status::{ClusterHealth, ClusterHealthChanged, StatusActor};
 use crate::api::{Prefetch, PrefetchSpec, WorkloadKind};
@@ -35,6 +35,7 @@ use crate::error::{Error, api_status_code, describe_kube_error, describe_watch_e
 use crate::leader::WriteGate;
 use crate::metrics::Metrics;
 use crate::pull::dispatch::DispatchQueue;
+use crate::pull::grid::{GridQuery, NodeGrid};
 use crate::pull::index::{
     NodeIndex, WorkloadChange, WorkloadEntry, WorkloadIndex, WorkloadKey, WorkloadSelector,
     targeting_of,
@@ -1400,5 +1401,72 @@ impl Handler<AdoptSlot> for ClusterActor {
         if self.prefetches.contains_key(&msg.uid) {
             self.queue.force_acquire(&msg.uid, &msg.node);
         }
+    }
+}
+
+/// Why a Prefetch's drill-down has no answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GridError {
+    /// The cluster has no such Prefetch (HTTP 404).
+    NotFound(String),
+    /// Not answerable now (HTTP 503): still listing, or stopping.
+    Unavailable(String),
+}
+
+/// The drill-down of the Prefetch `namespace/name`: the cluster hands its
+/// nodes to that Prefetch's actor, which answers from its own state.
+#[derive(Message)]
+#[rtype(result = "Result<NodeGrid, GridError>")]
+pub struct PrefetchNodes {
+    pub namespace: String,
+    pub name: String,
+    pub query: GridQuery,
+}
+
+/// How long the Prefetch's actor may take to answer (it is busy at most
+/// with one plan; longer means it is stuck, and the caller hears so).
+const GRID_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Handler<PrefetchNodes> for ClusterActor {
+    type Result = ResponseFuture<Result<NodeGrid, GridError>>;
+    fn handle(&mut self, msg: PrefetchNodes, _: &mut Self::Context) -> Self::Result {
+        let cluster = &self.target.name;
+        let label = format!("{}/{}", msg.namespace, msg.name);
+        let entry = self.prefetches.values().find(|entry| {
+            entry.latest.namespace().as_deref() == Some(msg.namespace.as_str())
+                && entry.latest.name_any() == msg.name
+        });
+        let addr = match entry {
+            Some(PrefetchEntry {
+                addr: Some(addr), ..
+            }) => Ok(addr.clone()),
+            Some(_) => Err(GridError::Unavailable(format!(
+                "Prefetch {label} in cluster {cluster} is not planned yet: the nodes, pull pods and workloads it needs are still being listed"
+            ))),
+            None if self.prefetches_synced => Err(GridError::NotFound(format!(
+                "no Prefetch {label} in cluster {cluster}"
+            ))),
+            None => Err(GridError::Unavailable(format!(
+                "cluster {cluster} has not listed its Prefetches yet ({})",
+                self.last_health
+                    .as_ref()
+                    .map_or("Connecting", ClusterHealth::label)
+            ))),
+        };
+        let nodes = match &addr {
+            Ok(_) => self.nodes.values().cloned().collect(),
+            Err(_) => Vec::new(),
+        };
+        let stopped = format!("Prefetch {label} in cluster {cluster} did not answer");
+        Box::pin(async move {
+            addr?
+                .send(GetNodeGrid {
+                    nodes,
+                    query: msg.query,
+                })
+                .timeout(GRID_TIMEOUT)
+                .await
+                .map_err(|error| GridError::Unavailable(format!("{stopped}: {error}")))
+        })
     }
 }

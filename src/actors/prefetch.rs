@@ -27,6 +27,7 @@ use crate::api::{
     Condition, MAX_PULL_TIMEOUT_SECONDS, Phase, Prefetch, PrefetchStatus, VerifiedRecord,
 };
 use crate::error::{api_status_code, describe_kube_error, is_rbac_refusal, is_server_unavailable};
+use crate::pull::grid::{GridQuery, GridSource, NodeGrid, node_rows};
 use crate::pull::index::{NodeChange, WorkloadEntry, targeting_of};
 use crate::pull::limits;
 use crate::pull::outcome::classify;
@@ -1138,6 +1139,41 @@ impl Handler<ClusterPairLimit> for PrefetchActor {
         self.cluster_pair_limit = limit;
         self.replan_all = true;
         self.queue_replan(ctx);
+    }
+}
+
+/// The drill-down of this Prefetch over `nodes`, every node of its cluster
+/// (it holds only those it targets).
+#[derive(Message)]
+#[rtype(result = "NodeGrid")]
+pub struct GetNodeGrid {
+    pub nodes: Vec<Arc<NodeView>>,
+    pub query: GridQuery,
+}
+
+impl Handler<GetNodeGrid> for PrefetchActor {
+    type Result = MessageResult<GetNodeGrid>;
+    fn handle(&mut self, msg: GetNodeGrid, _: &mut Self::Context) -> Self::Result {
+        let source = GridSource {
+            planner: &self.planner,
+            desired: &self.desired,
+            tracker: &self.tracker,
+            retry_after: self.retry_after(),
+            now: Instant::now(),
+        };
+        let rows = node_rows(&source, msg.nodes.iter().map(|node| &**node), &msg.query);
+        MessageResult(NodeGrid {
+            cluster: self.shared.cluster.clone(),
+            namespace: self.namespace(),
+            name: self.name(),
+            phase: self.last_phase.unwrap_or(Phase::Pending),
+            message: self
+                .last_status
+                .as_ref()
+                .and_then(|status| status.message.clone()),
+            images: self.desired.images.iter().cloned().collect(),
+            rows,
+        })
     }
 }
 

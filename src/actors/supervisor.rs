@@ -10,7 +10,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Once, RwLock};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -24,13 +24,49 @@ use crate::config::{self, ClusterTarget, Config};
 use crate::leader::WriteGate;
 use crate::metrics::Metrics;
 
+/// The running clusters' actors by name, for the HTTP endpoints that ask a
+/// cluster what only it holds (a Prefetch's drill-down). The supervisor
+/// keeps it current: a cluster is in it from its start until it stops or
+/// panics, and back in when it restarts.
+#[derive(Clone, Default)]
+pub struct ClusterRegistry(Arc<RwLock<BTreeMap<String, Addr<ClusterActor>>>>);
+
+impl ClusterRegistry {
+    pub fn get(&self, cluster: &str) -> Option<Addr<ClusterActor>> {
+        self.read(|clusters| clusters.get(cluster).cloned())
+    }
+
+    fn insert(&self, cluster: &str, addr: Addr<ClusterActor>) {
+        self.write(|clusters| clusters.insert(cluster.to_string(), addr));
+    }
+
+    fn remove(&self, cluster: &str) {
+        self.write(|clusters| clusters.remove(cluster));
+    }
+
+    // A panic elsewhere while holding the lock leaves a map that is still
+    // whole (each write is one insert or remove): use it.
+    fn read<T>(&self, f: impl FnOnce(&BTreeMap<String, Addr<ClusterActor>>) -> T) -> T {
+        f(&self
+            .0
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+
+    fn write<T>(&self, f: impl FnOnce(&mut BTreeMap<String, Addr<ClusterActor>>) -> T) -> T {
+        f(&mut self
+            .0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+}
+
 struct RunningCluster {
     target: ClusterTarget,
     arbiter: Arbiter,
     /// Tells a panic report of this run from one of an earlier run.
     incarnation: u64,
     started: Instant,
-    _addr: Addr<ClusterActor>,
 }
 
 /// A cluster stopped after a panic, waiting for its restart.
@@ -125,6 +161,7 @@ pub struct Supervisor {
     gate: WriteGate,
     status: Addr<StatusActor>,
     metrics: Metrics,
+    registry: ClusterRegistry,
     running: BTreeMap<String, RunningCluster>,
     crashed: BTreeMap<String, CrashedCluster>,
     /// Panics in a row per cluster (reset by a stable run), for the backoff.
@@ -142,6 +179,7 @@ impl Supervisor {
         gate: WriteGate,
         status: Addr<StatusActor>,
         metrics: Metrics,
+        registry: ClusterRegistry,
     ) -> Self {
         Supervisor {
             config_path,
@@ -150,6 +188,7 @@ impl Supervisor {
             gate,
             status,
             metrics,
+            registry,
             running: BTreeMap::new(),
             crashed: BTreeMap::new(),
             consecutive_panics: BTreeMap::new(),
@@ -180,6 +219,7 @@ impl Supervisor {
             CLUSTER_OF_THREAD.with(|slot| *slot.borrow_mut() = Some(reporter));
             ClusterActor::new(actor_target, config, gate, status, metrics)
         });
+        self.registry.insert(&target.name, addr);
         self.running.insert(
             target.name.clone(),
             RunningCluster {
@@ -187,7 +227,6 @@ impl Supervisor {
                 arbiter,
                 incarnation,
                 started: Instant::now(),
-                _addr: addr,
             },
         );
     }
@@ -195,6 +234,7 @@ impl Supervisor {
     fn stop_cluster(&mut self, name: &str, ctx: &mut Context<Self>) {
         let running = self.running.remove(name);
         let crashed = self.crashed.remove(name);
+        self.registry.remove(name);
         if let Some(running) = running {
             info!(cluster = %name, "stopping cluster");
             // Stopping the Arbiter drops its actors, their watches and client.
@@ -224,6 +264,7 @@ impl Handler<ClusterPanicked> for Supervisor {
             return;
         }
         let (_, running) = running;
+        self.registry.remove(&cluster);
         // Its state may be half-updated: drop all of it (actors, watches,
         // client) and start from the API servers' state again.
         running.arbiter.stop();

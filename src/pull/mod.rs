@@ -3,6 +3,7 @@
 
 pub mod dispatch;
 pub mod explain;
+pub mod grid;
 pub mod image;
 pub mod index;
 pub mod limits;

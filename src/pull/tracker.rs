@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use serde::Serialize;
 
 use crate::api::{MAX_STATUS_FAILURES, Phase, PullCounts, PullFailure};
 use crate::pull::plan::{DesiredSet, PairKey};
@@ -99,6 +100,50 @@ pub enum PairStatus {
     /// Permanently failed or out of attempts; retried from scratch after
     /// `retry_after`, in case the registry or credentials were fixed.
     Failed { at: Instant },
+}
+
+/// Where one pair stands, as the dashboard's drill-down shows it (see
+/// `crate::pull::grid`): a [`PairStatus`] with its failure and its times
+/// made relative to `now`, in whole seconds rounded up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum PairView {
+    /// Needs a pull and waits for a slot of the cluster's dispatch queue.
+    Pending,
+    /// A pull pod runs for it (a first pull, or a retry).
+    InFlight { pod: String, for_seconds: u64 },
+    /// On the node and being checked again (`retry_after` elapsed): still
+    /// counts as ready until the check fails. `pod` once its pull pod runs.
+    Reverifying {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pod: Option<String>,
+    },
+    /// On the node; checked again in `recheck_in_seconds`.
+    Ready { recheck_in_seconds: u64 },
+    /// Failed (or its pod could not be created) and waits to retry.
+    BackingOff {
+        retry_in_seconds: u64,
+        attempts: u32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        last_error: Option<String>,
+    },
+    /// Permanently failed or out of attempts; a new round starts in
+    /// `retry_in_seconds` (after `retry_after`).
+    Failed {
+        reason: String,
+        attempts: u32,
+        permanent: bool,
+        last_error: String,
+        retry_in_seconds: u64,
+    },
+}
+
+/// Whole seconds from `now` to `at`, rounded up (0 once passed).
+fn seconds_until(now: Instant, at: Option<Instant>) -> u64 {
+    let left = at.map_or(Duration::ZERO, |at| at.saturating_duration_since(now));
+    left.as_secs() + u64::from(left.subsec_nanos() > 0)
 }
 
 #[derive(Debug, Clone)]
@@ -262,6 +307,44 @@ impl Tracker {
 
     pub fn status(&self, key: &PairKey) -> Option<&PairStatus> {
         self.pairs.get(key).map(|pair| &pair.status)
+    }
+
+    /// What the drill-down shows of `key` at `now` (`None`: not desired).
+    pub fn view(&self, key: &PairKey, now: Instant, retry_after: Duration) -> Option<PairView> {
+        let pair = self.pairs.get(key)?;
+        let due_in = seconds_until(now, pair.due_at(retry_after));
+        let failure = pair.last_failure.as_ref();
+        Some(match &pair.status {
+            PairStatus::Idle | PairStatus::InFlight { .. } if pair.reverifying => {
+                PairView::Reverifying {
+                    pod: match &pair.status {
+                        PairStatus::InFlight { pod, .. } => Some(pod.clone()),
+                        _ => None,
+                    },
+                }
+            }
+            PairStatus::Idle => PairView::Pending,
+            PairStatus::InFlight { pod, since, .. } => PairView::InFlight {
+                pod: pod.clone(),
+                for_seconds: now.saturating_duration_since(*since).as_secs(),
+            },
+            PairStatus::Satisfied { .. } => PairView::Ready {
+                recheck_in_seconds: due_in,
+            },
+            PairStatus::BackingOff { .. } => PairView::BackingOff {
+                retry_in_seconds: due_in,
+                attempts: pair.attempts,
+                reason: failure.map(|failure| failure.reason.clone()),
+                last_error: failure.map(|failure| failure.message.clone()),
+            },
+            PairStatus::Failed { .. } => PairView::Failed {
+                reason: failure.map_or_else(String::new, |failure| failure.reason.clone()),
+                attempts: pair.attempts,
+                permanent: failure.is_some_and(|failure| failure.permanent),
+                last_error: failure.map_or_else(String::new, |failure| failure.message.clone()),
+                retry_in_seconds: due_in,
+            },
+        })
     }
 
     /// Consecutive failures of the current round (0 when unknown).

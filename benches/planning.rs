@@ -829,7 +829,7 @@ fn main() {
             let mut due = tracker.due(black_box(later), retry_after);
             due.truncate(400);
             let mut queue = DispatchQueue::new(1, 100);
-            queue.request("prefetch", due, 100);
+            queue.request("prefetch", "ns", due, 100);
             queue.grant()
         },
     );

@@ -941,6 +941,9 @@ fn rss_kib(pid: u32) -> Option<u64> {
 /// and returns how long it took to be READY.
 async fn ordinary_ready_in(ns: &support::TestNamespace, name: &str, tag: &str) -> Result<Duration> {
     let started = std::time::Instant::now();
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     apply(
         &ns.api::<Prefetch>(),
         prefetch_json(
@@ -949,8 +952,17 @@ async fn ordinary_ready_in(ns: &support::TestNamespace, name: &str, tag: &str) -
         ),
     )
     .await?;
+    let applied = started.elapsed();
     wait_phase(&ns.client(), ns.name(), name, Phase::Ready, READY_TIMEOUT).await?;
-    Ok(started.elapsed())
+    let ready = started.elapsed();
+    // The split, to tell the API server's delay from ours (compare with
+    // the log's timestamps).
+    eprintln!(
+        "{}/{name}: apply sent at {:.3} s since the epoch, answered after {applied:?}, READY after {ready:?}",
+        ns.name(),
+        wall.as_secs_f64()
+    );
+    Ok(ready)
 }
 
 /// Acceptance 2 of issue 8: hostile Prefetches in one namespace of one
@@ -959,7 +971,7 @@ async fn ordinary_ready_in(ns: &support::TestNamespace, name: &str, tag: &str) -
 /// process stays under its Deployment's memory limit, and every hostile
 /// Prefetch shows a clear status.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails today on its timing only: beside the hostile tenant the same cluster's ordinary Prefetch took 7.0-8.2 s vs 1.6-2.4 s alone (node slots shared round robin with the hostile Prefetches); see issue 8"]
+#[ignore = "timing at its bound, not scheduling: the ordinary Prefetch now gets each node's first freed slot, but every node's one slot (max_parallel_per_node = 1) holds a hostile pull started just before, so it takes its time alone plus one pull: 3.1-4.1 s vs 1.4-2.3 s alone when the machine was least loaded, 1.7-2.4x, more under load (the other cluster then up to 3.2x too); 7 of 13 runs within 2x (before: 6-8 s, none); see issue 8"]
 async fn hostile_tenants_do_not_hold_up_the_others() -> Result<()> {
     use kube::ResourceExt;
     use kube_prefetch::pull::podspec::{

@@ -76,6 +76,11 @@ struct PrefetchEntry {
 }
 
 impl PrefetchEntry {
+    /// Whose share its pull slots count against: its namespace, the team.
+    fn tenant(&self) -> String {
+        self.latest.namespace().unwrap_or_default()
+    }
+
     fn label(&self) -> String {
         format!(
             "{}/{}",
@@ -1379,10 +1384,11 @@ impl Handler<RequestSlots> for ClusterActor {
     type Result = ();
     fn handle(&mut self, msg: RequestSlots, _: &mut Self::Context) {
         // A request of a Prefetch stopped meanwhile must not bring it back.
-        if !self.prefetches.contains_key(&msg.uid) {
+        let Some(tenant) = self.prefetches.get(&msg.uid).map(PrefetchEntry::tenant) else {
             return;
-        }
-        self.queue.request(&msg.uid, msg.candidates, msg.cap);
+        };
+        self.queue
+            .request(&msg.uid, &tenant, msg.candidates, msg.cap);
         self.grant_slots();
     }
 }
@@ -1398,8 +1404,8 @@ impl Handler<ReleaseSlot> for ClusterActor {
 impl Handler<AdoptSlot> for ClusterActor {
     type Result = ();
     fn handle(&mut self, msg: AdoptSlot, _: &mut Self::Context) {
-        if self.prefetches.contains_key(&msg.uid) {
-            self.queue.force_acquire(&msg.uid, &msg.node);
+        if let Some(tenant) = self.prefetches.get(&msg.uid).map(PrefetchEntry::tenant) {
+            self.queue.force_acquire(&msg.uid, &tenant, &msg.node);
         }
     }
 }

@@ -1219,14 +1219,14 @@ mod tests {
         let mut tracker = Tracker::new(policy());
         tracker.set_desired(&desired(&[("n1", "a"), ("n1", "b"), ("n2", "a")]));
         let mut queue = DispatchQueue::new(1, 10);
-        queue.request("pf", tracker.due(now, RETRY), 10);
+        queue.request("pf", "ns", tracker.due(now, RETRY), 10);
         let picked = queue.grant().remove("pf").unwrap_or_default();
         assert_eq!(picked, vec![key("n1", "a"), key("n2", "a")]);
         for k in &picked {
             tracker.on_dispatched(k, "p", now);
         }
         assert_eq!(tracker.due(now, RETRY), vec![key("n1", "b")]);
-        queue.request("pf", tracker.due(now, RETRY), 10);
+        queue.request("pf", "ns", tracker.due(now, RETRY), 10);
         assert!(queue.grant().is_empty());
         tracker.on_outcome(&key("n1", "a"), Outcome::Succeeded, now);
         queue.release("pf", "n1");

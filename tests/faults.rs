@@ -978,3 +978,277 @@ async fn leader_killed_mid_fan_out_standby_adopts_and_finishes() -> Result<()> {
     home.cleanup().await?;
     Ok(())
 }
+
+/// Every fresh fact about one Prefetch that kube-prefetch's watches must
+/// have delivered: its spec's images and the worker nodes that are Ready.
+async fn fresh_expectation(client: &Client, namespace: &str) -> Result<(BTreeSet<String>, usize)> {
+    use k8s_openapi::api::core::v1::Node;
+    let prefetch = Api::<Prefetch>::namespaced(client.clone(), namespace)
+        .get(PREFETCH)
+        .await?;
+    let images = prefetch.spec.images.iter().cloned().collect();
+    let nodes = Api::<Node>::all(client.clone())
+        .list(&kube::api::ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|node| {
+            node.metadata
+                .name
+                .as_deref()
+                .is_some_and(|name| name.contains("worker"))
+                && node
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .count();
+    Ok((images, nodes))
+}
+
+/// Waits until the Prefetch status shows what a fresh list says (its images
+/// and node count); returns how long that took.
+async fn wait_caught_up(run: &Fanout, since: Instant) -> Result<Duration> {
+    let (images, nodes) = fresh_expectation(&run.client(), run.ns.name()).await?;
+    support::wait_for(
+        &format!(
+            "the status to show {} images on {nodes} nodes",
+            images.len()
+        ),
+        Duration::from_secs(60),
+        || async {
+            let status = run.status().await?;
+            let shown: BTreeSet<String> = status.images.iter().cloned().collect();
+            Ok((shown == images && status.nodes as usize == nodes).then_some(()))
+        },
+    )
+    .await?;
+    Ok(since.elapsed())
+}
+
+/// Case 7: kube-prefetch's watches of one cluster broken many times during
+/// a fan-out that keeps changing, each time with changes made while it
+/// could not see them, then the API server restarted (its watch cache
+/// rebuilt, so the watches must list again). No event may be missed: the
+/// final status equals what a fresh list says, the work completes and no
+/// pull pod is left.
+///
+/// The watches are broken by cutting every connection of kube-prefetch to
+/// the API server (a TCP relay in front of it), not by a short
+/// `--min-request-timeout`: the API server only applies that flag to
+/// watches that ask for no timeout, and kube-rs always asks for 290 s
+/// (RELIABILITY.md, case 7). A cut ends a watch the same way the server's
+/// timeout does, at any point of the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection (minutes): make test-faults"]
+async fn watches_broken_many_times_miss_no_event() -> Result<()> {
+    use k8s_openapi::api::core::v1::{Node, Pod};
+    use kube::ResourceExt;
+    use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+    const CUTS: usize = 4;
+    const BLIND: Duration = Duration::from_millis(1500);
+    let _serial = setup().await;
+    let base = baseline().await?;
+    let clusters = support::cluster_names();
+    let cluster = clusters[0].clone();
+    let context = "relayed";
+    let dir = tempfile::tempdir()?;
+    let relayed = closed_port_kubeconfig(dir.path(), &cluster, context)?;
+    let mut relay = relayed.open().await?;
+    let kubeconfig_toml = format!(
+        "[[kubeconfig]]\npath = {:?}\n\n[[kubeconfig]]\npath = {:?}\ncontexts = [{:?}, {:?}]\n",
+        relayed.path.display().to_string(),
+        support::kubeconfig_path().display().to_string(),
+        clusters[1],
+        clusters[2],
+    );
+    let mut spec_images = images("watches", 15);
+    let run = Fanout::create(&cluster, "watches", spec_images.clone()).await?;
+    let orchestrator =
+        Orchestrator::start("faults-watches", options(Some(kubeconfig_toml))).await?;
+    let client = run.client();
+    let prefetches: Api<Prefetch> = run.ns.api();
+    let pods: Api<Pod> = run.ns.api();
+    let nodes: Api<Node> = Api::all(client.clone());
+    let extra_node = support::unique_name("watches-worker");
+    let node_cleanup = delete_nodes_later(&cluster, vec![extra_node.clone()]);
+    support::wait_for("the first pulls", Duration::from_secs(60), || {
+        let seen = run.pods_seen();
+        async move { Ok((seen >= 10).then_some(())) }
+    })
+    .await?;
+    let controls = controls_beside(&cluster).await?;
+
+    let mut deleted_by_test: Vec<(String, String)> = Vec::new();
+    let mut catch_up = Vec::new();
+    for cut in 1..=CUTS {
+        relay.close();
+        // Blind from here: changes kube-prefetch must learn of afterwards.
+        spec_images.extend(images(&format!("watches-cut{cut}"), 5));
+        match cut {
+            1 => {
+                apply(&nodes, fake_node(&extra_node, "amd64", json!({}))).await?;
+            }
+            2 => {
+                let in_flight = pods.list(&ListParams::default().labels(MANAGED_BY)).await?;
+                // Someone else deletes a pull pod: kube-prefetch pulls that
+                // pair again.
+                if let Some(pod) = in_flight
+                    .items
+                    .iter()
+                    .find(|p| p.metadata.deletion_timestamp.is_none())
+                {
+                    let annotation = |key: &str| pod.annotations().get(key).cloned();
+                    if let (Some(node), Some(image)) =
+                        (annotation(NODE_ANNOTATION), annotation(IMAGE_ANNOTATION))
+                    {
+                        pods.delete(&pod.name_any(), &DeleteParams::default())
+                            .await?;
+                        deleted_by_test.push((node, image));
+                    }
+                }
+            }
+            3 => {
+                // The first five images are dropped from the spec.
+                spec_images.drain(..5);
+                nodes.delete(&extra_node, &DeleteParams::default()).await?;
+            }
+            _ => {}
+        }
+        prefetches
+            .patch(
+                PREFETCH,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "spec": { "images": spec_images } })),
+            )
+            .await?;
+        if cut == 1 {
+            wait_nodes_ready(&nodes, vec![extra_node.clone()]).await?;
+        }
+        tokio::time::sleep(BLIND).await;
+        relay = support::wait_for("the relay to reopen", Duration::from_secs(10), || async {
+            relayed.open().await.map(Some)
+        })
+        .await?;
+        let reopened_at = Instant::now();
+        catch_up.push(wait_caught_up(&run, reopened_at).await?);
+    }
+
+    // The API server restarted: its watch cache is rebuilt and the old
+    // resource versions are gone, so every watch lists again.
+    let mut apiserver = KilledDaemon::kill(&cluster, "kube-apiserver")?;
+    let killed_at = Instant::now();
+    let reason = wait_unreachable(&orchestrator, context).await?;
+    let noticed = killed_at.elapsed();
+    apiserver.start()?;
+    support::wait_for(
+        "the API server to answer",
+        Duration::from_secs(60),
+        || async { Ok(prefetches.get(PREFETCH).await.ok().map(|_| ())) },
+    )
+    .await?;
+    let restarted_at = Instant::now();
+    // Changed at once, most likely before kube-prefetch's watches are back.
+    spec_images.extend(images("watches-restart", 5));
+    prefetches
+        .patch(
+            PREFETCH,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "images": spec_images } })),
+        )
+        .await?;
+    let restart_caught_up = wait_caught_up(&run, restarted_at).await?;
+    let ready = run.wait_ready(restarted_at).await?;
+    wait_connected(&orchestrator, context).await?;
+
+    // The final state against a fresh list.
+    let (images, node_count) = fresh_expectation(&client, run.ns.name()).await?;
+    let status = run.status().await?;
+    let pairs = images.len() * node_count;
+    ensure!(
+        status.images.iter().cloned().collect::<BTreeSet<_>>() == images
+            && status.nodes as usize == node_count
+            && status.pulls.total as usize == pairs
+            && status.pulls.ready as usize == pairs
+            && status.pulls.in_flight == 0
+            && status.pulls.failed == 0,
+        "the status says {} images on {} nodes, pulls {:?}; a fresh list: {} images on {node_count} nodes",
+        status.images.len(),
+        status.nodes,
+        status.pulls,
+        images.len()
+    );
+    let view = orchestrator.status().await?;
+    let summary = view
+        .clusters
+        .iter()
+        .find(|c| c.name == context)
+        .and_then(|c| c.prefetches.iter().find(|p| p.namespace == run.ns.name()))
+        .with_context(|| format!("not in /api/v1/status: {view:?}"))?;
+    ensure!(
+        summary.nodes == status.nodes
+            && summary.pulls == status.pulls
+            && summary.phase == Phase::Ready,
+        "/api/v1/status {summary:?} and the status {status:?} differ"
+    );
+    wait_no_pull_pods(&client, run.ns.name(), Duration::from_secs(30)).await?;
+    let seen = run.log.pods_in(run.ns.name());
+    let mut per_pair: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for pod in &seen {
+        *per_pair
+            .entry((pod.node.clone(), pod.image.clone()))
+            .or_default() += 1;
+    }
+    let twice: Vec<_> = per_pair
+        .iter()
+        .filter(|(pair, n)| **n > 1 && !deleted_by_test.contains(pair))
+        .collect();
+    ensure!(twice.is_empty(), "pairs with two pull pods: {twice:?}");
+    let created = created(&orchestrator, context).await?;
+    ensure!(
+        created as usize <= per_pair.len() + deleted_by_test.len(),
+        "kube-prefetch created {created} pull pods for {} pairs (+{} deleted by the test)",
+        per_pair.len(),
+        deleted_by_test.len()
+    );
+    let others = finish_controls(&orchestrator, controls, base).await?;
+    record(
+        "7 watches broken",
+        &[
+            ("cuts", format!("{CUTS} (blind {} each)", secs(BLIND))),
+            (
+                "status_caught_up_after_reopen",
+                catch_up
+                    .iter()
+                    .map(|d| secs(*d))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
+            ("unreachable_after_apiserver_kill", secs(noticed)),
+            ("caught_up_after_apiserver_restart", secs(restart_caught_up)),
+            ("ready_after_restart", secs(ready)),
+            (
+                "final",
+                format!(
+                    "{} images x {node_count} nodes = {pairs} pairs READY",
+                    images.len()
+                ),
+            ),
+            (
+                "pods_created",
+                format!(
+                    "{created} for {} pairs pulled, {} deleted by the test",
+                    per_pair.len(),
+                    deleted_by_test.len()
+                ),
+            ),
+            ("pods_left", "0".into()),
+            ("others", others),
+            ("reason", format!("{reason:?}")),
+        ],
+    );
+    run.cleanup().await?;
+    node_cleanup.run().await?;
+    Ok(())
+}

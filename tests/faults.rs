@@ -1252,3 +1252,141 @@ async fn watches_broken_many_times_miss_no_event() -> Result<()> {
     node_cleanup.run().await?;
     Ok(())
 }
+
+/// Shifts every timestamp of a pod's status (`startTime`, the conditions'
+/// `lastTransitionTime`) by `shift`, as if the node's kubelet clock were
+/// that far off.
+fn skewed_status(pod: &k8s_openapi::api::core::v1::Pod, shift: i64) -> serde_json::Value {
+    let shifted = |time: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time| {
+        (time.0 + k8s_openapi::jiff::SignedDuration::from_secs(shift)).to_string()
+    };
+    let status = pod.status.clone().unwrap_or_default();
+    let conditions: Vec<serde_json::Value> = status
+        .conditions
+        .unwrap_or_default()
+        .iter()
+        .map(|c| {
+            json!({
+                "type": c.type_,
+                "status": c.status,
+                "lastTransitionTime": c.last_transition_time.as_ref().map(shifted),
+            })
+        })
+        .collect();
+    json!({ "status": {
+        "startTime": status.start_time.as_ref().map(shifted),
+        "conditions": conditions,
+    } })
+}
+
+/// Case 9: a pull pod's deadline is judged by kube-prefetch's own
+/// (monotonic) clock from when it created the pod, so pod timestamps from a
+/// clock a minute ahead or behind change nothing. Three slow pulls (held
+/// ~30 s by KWOK) with a 5 s pull timeout: one pod's status timestamps are
+/// moved a minute into the future, one a minute into the past, one is left
+/// alone; all three are judged at the same time, the pull timeout plus the
+/// 10 s allowed for the kubelet's report after creation.
+///
+/// Not covered end to end: a pod adopted after a restart is judged from its
+/// `creationTimestamp` (the unit test
+/// `adopted_deadline_with_a_server_clock_a_minute_ahead_is_not_shortened`),
+/// which only the API server writes, from its own clock, and the sim cannot
+/// shift that clock (RELIABILITY.md, case 9).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection (minutes): make test-faults"]
+async fn pull_deadline_ignores_pod_timestamps_a_minute_off() -> Result<()> {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Patch, PatchParams};
+    const PULL_TIMEOUT: Duration = Duration::from_secs(5);
+    /// The pull timeout plus the slack for the kubelet's report.
+    const JUDGED_AFTER: Duration = Duration::from_secs(15);
+    let _serial = setup().await;
+    let cluster = support::cluster_names()[2].clone();
+    let run = Fanout::create(&cluster, "clock", vec!["slow.invalid/clock/app1:1".into()]).await?;
+    let orchestrator = Orchestrator::start(
+        "faults-clock",
+        Options {
+            defaults_toml: format!("{DEFAULTS_TOML}\npull_timeout = {}", PULL_TIMEOUT.as_secs()),
+            ..Options::default()
+        },
+    )
+    .await?;
+    let first = support::wait_for("a pull pod on each worker", Duration::from_secs(60), || {
+        let pods = run.log.pods_in(run.ns.name());
+        async move { Ok((pods.len() == 3).then_some(pods)) }
+    })
+    .await?;
+    let pods: Api<Pod> = run.ns.api();
+    let shifts = [60, -60, 0];
+    for (seen, shift) in first.iter().zip(shifts) {
+        if shift != 0 {
+            // Once KWOK has set the times (the pod is scheduled, Pending).
+            let pod = support::wait_for("the pod's startTime", Duration::from_secs(10), || async {
+                let pod = pods.get(&seen.name).await?;
+                Ok(pod
+                    .status
+                    .as_ref()
+                    .is_some_and(|s| s.start_time.is_some())
+                    .then_some(pod))
+            })
+            .await?;
+            pods.patch_status(
+                &seen.name,
+                &PatchParams::default(),
+                &Patch::Merge(skewed_status(&pod, shift)),
+            )
+            .await?;
+        }
+    }
+    // When each first pod is gone (kube-prefetch deletes a pod it judged).
+    let mut judged: BTreeMap<String, Duration> = BTreeMap::new();
+    let mut last_start: BTreeMap<String, String> = BTreeMap::new();
+    let until = Instant::now() + JUDGED_AFTER + Duration::from_secs(30);
+    while judged.len() < first.len() && Instant::now() < until {
+        for pod in run.log.pods_in(run.ns.name()) {
+            if let Some(seen) = first.iter().find(|f| f.uid == pod.uid) {
+                if pod.deleted {
+                    judged
+                        .entry(pod.uid.clone())
+                        .or_insert_with(|| seen.first_seen.elapsed());
+                } else if let Some(start) =
+                    pod.pod.status.as_ref().and_then(|s| s.start_time.as_ref())
+                {
+                    last_start.insert(pod.uid.clone(), start.0.to_string());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut fields = Vec::new();
+    for (seen, shift) in first.iter().zip(shifts) {
+        let after = judged
+            .get(&seen.uid)
+            .with_context(|| format!("{} (times shifted {shift} s) not judged", seen.name))?;
+        // Judged neither a minute early nor a minute late: at the deadline,
+        // give or take the actor's tick and the test's watch.
+        ensure!(
+            *after >= JUDGED_AFTER - Duration::from_secs(2)
+                && *after <= JUDGED_AFTER + Duration::from_secs(5),
+            "{} (times shifted {shift} s) judged {after:?} after its creation, not ~{JUDGED_AFTER:?}",
+            seen.name
+        );
+        fields.push((
+            format!("shift {shift:+}s"),
+            format!(
+                "judged {} after creation (startTime seen {})",
+                secs(*after),
+                last_start.get(&seen.uid).map_or("-", String::as_str)
+            ),
+        ));
+    }
+    let lines = log_lines_with(&orchestrator.log_path, "outlived its deadline").len();
+    ensure!(lines >= 3, "{lines} pods judged in kube-prefetch's log");
+    let fields: Vec<(&str, String)> = fields
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    record("9 clock skew", &fields);
+    run.cleanup().await?;
+    Ok(())
+}

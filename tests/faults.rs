@@ -1390,3 +1390,342 @@ async fn pull_deadline_ignores_pod_timestamps_a_minute_off() -> Result<()> {
     run.cleanup().await?;
     Ok(())
 }
+
+/// The API server's own metric `name` for one priority level (from its
+/// `/metrics`, read as admin).
+async fn apiserver_metric(client: &Client, name: &str, level: &str) -> Result<f64> {
+    let request = http::Request::get("/metrics").body(Vec::new())?;
+    let text = client.request_text(request).await?;
+    let label = format!("priority_level=\"{level}\"");
+    Ok(text
+        .lines()
+        .filter(|line| line.starts_with(name) && line.contains(&label))
+        .filter_map(|line| line.split_whitespace().last()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// A request of the user `operator` that holds one of its API Priority and
+/// Fairness seats: a pod create whose body never finishes arriving (the API
+/// server reads the body inside the seat). Ends when dropped.
+struct SeatHolder {
+    curl: std::process::Child,
+}
+
+impl SeatHolder {
+    fn start(sim: &support::Sim, cluster: &str, namespace: &str) -> Result<SeatHolder> {
+        use std::process::{Command, Stdio};
+        let sim_dir = sim.run_dir.join(cluster);
+        let kubeconfig = kube::config::Kubeconfig::read_from(sim.operator_kubeconfig(cluster))?;
+        let server = kubeconfig
+            .clusters
+            .first()
+            .and_then(|c| c.cluster.as_ref())
+            .and_then(|c| c.server.clone())
+            .context("operator kubeconfig: no server")?;
+        // tokens.csv: token,user,uid[,groups]
+        let tokens = std::fs::read_to_string(sim_dir.join("tokens.csv"))?;
+        let token = tokens
+            .lines()
+            .find_map(|line| {
+                let mut fields = line.split(',');
+                let token = fields.next()?;
+                (fields.next()? == "operator").then(|| token.to_string())
+            })
+            .context("no operator token in tokens.csv")?;
+        let mut curl = Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "--cacert"])
+            .arg(sim_dir.join("pki/ca.crt"))
+            .args(["-H", &format!("Authorization: Bearer {token}")])
+            .args([
+                "-H",
+                "Content-Type: application/json",
+                "-X",
+                "POST",
+                "-T",
+                "-",
+            ])
+            .arg(format!("{server}/api/v1/namespaces/{namespace}/pods"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting curl")?;
+        // The first byte makes curl send the request; the rest never comes.
+        curl.stdin
+            .as_mut()
+            .context("curl stdin")?
+            .write_all(b"{")
+            .context("writing to curl")?;
+        Ok(SeatHolder { curl })
+    }
+}
+
+impl Drop for SeatHolder {
+    fn drop(&mut self) {
+        let _ = self.curl.kill();
+        let _ = self.curl.wait();
+    }
+}
+
+/// Case 8: the API server slowed down for kube-prefetch by API Priority and
+/// Fairness: its user (`operator`, with the shipped RBAC) is put in a
+/// priority level of its own with the smallest share (3 seats of the sim's
+/// 600), no borrowing and no queue (Reject), and all seats but one are
+/// held by other requests of the same user. Its requests that find the seat
+/// taken are answered 429. kube-prefetch must stay within `api_qps`
+/// (retries of 429s included), show the 429s in /metrics, exactly as many
+/// as the API server rejected, and finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection (minutes): make test-faults"]
+async fn apf_throttled_cluster_keeps_its_request_budget_and_finishes() -> Result<()> {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    use kube::api::{DynamicObject, PostParams};
+    const API_QPS: f64 = 10.0;
+    let _serial = setup().await;
+    let base = baseline().await?;
+    let clusters = support::cluster_names();
+    let cluster = clusters[1].clone();
+    let target = format!("{cluster}-operator");
+    let sim = support::sim().await;
+    let admin = support::client(&cluster).await;
+    let name = support::unique_name("kube-prefetch-faults-apf");
+    let (role, binding) = granted_to_operator(shipped_rbac()?, &name);
+    let cleanup = {
+        let name = name.clone();
+        support::Cleanup::new(
+            &cluster,
+            format!("RBAC and APF {name}"),
+            move |client| async move {
+                delete_rbac(&client, Some(&name)).await?;
+                for (kind, plural) in [
+                    ("FlowSchema", "flowschemas"),
+                    ("PriorityLevelConfiguration", "prioritylevelconfigurations"),
+                ] {
+                    let api: Api<DynamicObject> =
+                        Api::all_with(client.clone(), &apf_resource(kind, plural));
+                    let _ = api.delete(&name, &kube::api::DeleteParams::default()).await;
+                }
+                Ok(())
+            },
+        )
+    };
+    Api::<ClusterRole>::all(admin.clone())
+        .create(&PostParams::default(), &role)
+        .await?;
+    Api::<ClusterRoleBinding>::all(admin.clone())
+        .create(&PostParams::default(), &binding)
+        .await?;
+    let levels: Api<DynamicObject> = Api::all_with(
+        admin.clone(),
+        &apf_resource("PriorityLevelConfiguration", "prioritylevelconfigurations"),
+    );
+    apply(
+        &levels,
+        json!({
+            "apiVersion": "flowcontrol.apiserver.k8s.io/v1",
+            "kind": "PriorityLevelConfiguration",
+            "metadata": { "name": name },
+            "spec": { "type": "Limited", "limited": {
+                "nominalConcurrencyShares": 1,
+                "lendablePercent": 0,
+                "borrowingLimitPercent": 0,
+                "limitResponse": { "type": "Reject" },
+            } },
+        }),
+    )
+    .await?;
+    let schemas: Api<DynamicObject> =
+        Api::all_with(admin.clone(), &apf_resource("FlowSchema", "flowschemas"));
+    apply(
+        &schemas,
+        json!({
+            "apiVersion": "flowcontrol.apiserver.k8s.io/v1",
+            "kind": "FlowSchema",
+            "metadata": { "name": name },
+            "spec": {
+                // Before every suggested schema (the lowest is 100).
+                "matchingPrecedence": 50,
+                "priorityLevelConfiguration": { "name": name },
+                "distinguisherMethod": { "type": "ByUser" },
+                "rules": [{
+                    "subjects": [{ "kind": "User", "user": { "name": "operator" } }],
+                    "resourceRules": [{ "verbs": ["*"], "apiGroups": ["*"], "resources": ["*"], "clusterScope": true, "namespaces": ["*"] }],
+                    "nonResourceRules": [{ "verbs": ["*"], "nonResourceURLs": ["*"] }],
+                }],
+            },
+        }),
+    )
+    .await?;
+    let seats = support::wait_for(
+        "the priority level's seats",
+        Duration::from_secs(30),
+        || async {
+            let seats =
+                apiserver_metric(&admin, "apiserver_flowcontrol_nominal_limit_seats", &name)
+                    .await?;
+            Ok((seats >= 1.0).then_some(seats as usize))
+        },
+    )
+    .await?;
+    let run = Fanout::create(&cluster, "apf", images("apf", 10)).await?;
+    let holders = (1..seats)
+        .map(|_| SeatHolder::start(&sim, &cluster, run.ns.name()))
+        .collect::<Result<Vec<_>>>()?;
+    support::wait_for("the seats held", Duration::from_secs(30), || async {
+        let held = apiserver_metric(
+            &admin,
+            "apiserver_flowcontrol_current_executing_seats",
+            &name,
+        )
+        .await?;
+        Ok((held as usize >= holders.len()).then_some(()))
+    })
+    .await?;
+    let rejected_before = apiserver_metric(
+        &admin,
+        "apiserver_flowcontrol_rejected_requests_total",
+        &name,
+    )
+    .await?;
+
+    let kubeconfig_toml = format!(
+        "[[kubeconfig]]\npath = {:?}\n\n[[kubeconfig]]\npath = {:?}\ncontexts = [{:?}, {:?}]\n",
+        sim.operator_kubeconfig(&cluster).display().to_string(),
+        support::kubeconfig_path().display().to_string(),
+        clusters[0],
+        clusters[2],
+    );
+    let orchestrator = Orchestrator::start(
+        "faults-apf",
+        Options {
+            kubeconfig_toml: Some(kubeconfig_toml),
+            defaults_toml: DEFAULTS_TOML.replace("api_qps = 50.0", &format!("api_qps = {API_QPS}")),
+            ..Options::default()
+        },
+    )
+    .await?;
+    let started = Instant::now();
+    let controls = controls_beside(&cluster).await?;
+    // The answers to kube-prefetch, sampled each second until READY.
+    let mut samples: Vec<(Instant, f64)> = Vec::new();
+    let mut states = BTreeSet::new();
+    let deadline = started + READY_TIMEOUT;
+    loop {
+        let metrics = orchestrator.get("/metrics").await?;
+        samples.push((
+            Instant::now(),
+            metric_sum(&metrics, "kube_prefetch_api_responses_total", &target),
+        ));
+        if let Some(state) = cluster_state(&orchestrator.status().await?, &target) {
+            states.insert(state);
+        }
+        if run.status().await?.phase == Some(Phase::Ready) {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{target}: not READY within {READY_TIMEOUT:?}: {:?}",
+            run.status().await?
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let ready = started.elapsed();
+    let held_to_the_end = apiserver_metric(
+        &admin,
+        "apiserver_flowcontrol_current_executing_seats",
+        &name,
+    )
+    .await? as usize;
+    drop(holders);
+    // A held request ends at the API server's request timeout (60 s).
+    ensure!(
+        held_to_the_end >= seats - 1,
+        "only {held_to_the_end} seats still held at READY: make the fan-out smaller"
+    );
+    let rejected = apiserver_metric(
+        &admin,
+        "apiserver_flowcontrol_rejected_requests_total",
+        &name,
+    )
+    .await?
+        - rejected_before;
+    let metrics = orchestrator.get("/metrics").await?;
+    let answered_429 = metric_sum(
+        &metrics
+            .lines()
+            .filter(|l| l.contains("code=\"429\""))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        "kube_prefetch_api_responses_total",
+        &target,
+    );
+    ensure!(
+        answered_429 > 0.0 && answered_429 <= rejected,
+        "{answered_429} answers 429 in kube-prefetch's /metrics, {rejected} requests rejected by the API server"
+    );
+    // The budget: at most api_qps request starts a second (tower's rate
+    // limit works in whole one-second windows, hence the + 1).
+    let mut busiest = 0.0_f64;
+    for (i, (at, count)) in samples.iter().enumerate() {
+        if let Some((later, later_count)) = samples[i..]
+            .iter()
+            .find(|(t, _)| t.duration_since(*at) >= Duration::from_secs(5))
+        {
+            let window = later.duration_since(*at).as_secs_f64();
+            let requests = later_count - count;
+            busiest = busiest.max(requests / window);
+            ensure!(
+                requests <= API_QPS * (window + 1.0),
+                "{requests} requests in {window:.1} s, budget {API_QPS}/s"
+            );
+        }
+    }
+    let total = samples.last().map_or(0.0, |s| s.1);
+    let created = created(&orchestrator, &target).await?;
+    let seen = run.check_done(created).await?;
+    let others = finish_controls(&orchestrator, controls, base).await?;
+    record(
+        "8 APF throttled",
+        &[
+            ("pulls", run.pairs.len().to_string()),
+            (
+                "seats",
+                format!(
+                    "{seats}, {} held by others ({held_to_the_end} at READY)",
+                    seats - 1
+                ),
+            ),
+            ("ready_after_start", secs(ready)),
+            (
+                "answers_429",
+                format!("{answered_429} (API server rejected {rejected})"),
+            ),
+            (
+                "requests",
+                format!(
+                    "{total} in {}, busiest 5 s: {busiest:.1}/s (api_qps {API_QPS})",
+                    secs(ready)
+                ),
+            ),
+            (
+                "pods_created",
+                format!("{seen} for {} pairs", run.pairs.len()),
+            ),
+            ("pods_left", "0".into()),
+            ("others", others),
+            ("states_shown", format!("{states:?}")),
+        ],
+    );
+    run.cleanup().await?;
+    cleanup.run().await?;
+    Ok(())
+}
+
+fn apf_resource(kind: &str, plural: &str) -> kube::api::ApiResource {
+    kube::api::ApiResource {
+        group: "flowcontrol.apiserver.k8s.io".into(),
+        version: "v1".into(),
+        api_version: "flowcontrol.apiserver.k8s.io/v1".into(),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}

@@ -82,7 +82,7 @@ async fn connect(kubeconfig: &str, context: &str, qps: Option<f64>) -> Result<Cl
         context: context.to_string(),
     };
     // A bench is no replica of a leader-elected Deployment: writes are open.
-    build_client(&target, qps, kube_prefetch::leader::WriteGate::open())
+    build_client(&target, qps, kube_prefetch::leader::WriteGate::open(), None)
         .await
         .with_context(|| format!("client for {context} in {kubeconfig}"))
 }

@@ -381,7 +381,7 @@ fn check(config_path: PathBuf) -> anyhow::Result<ExitCode> {
 }
 
 async fn check_cluster(target: &ClusterTarget) -> Result<Vec<String>, Vec<String>> {
-    let client = build_client(target, None, WriteGate::open())
+    let client = build_client(target, None, WriteGate::open(), None)
         .await
         .map_err(|error| vec![error.to_string()])?;
     let version = tokio::time::timeout(Duration::from_secs(10), client.apiserver_version())
@@ -639,7 +639,7 @@ async fn plan_cluster(
     config: &Config,
     target: &ClusterTarget,
 ) -> anyhow::Result<Vec<PrefetchPlan>> {
-    let client = build_client(target, None, WriteGate::open()).await?;
+    let client = build_client(target, None, WriteGate::open(), None).await?;
     let nodes: Api<Node> = Api::all(client.clone());
     let nodes: Vec<NodeView> = nodes
         .list(&ListParams::default())

@@ -23,6 +23,12 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResponseLabels {
+    pub cluster: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClusterStateLabels {
     cluster: String,
     state: String,
@@ -42,6 +48,7 @@ pub struct Metrics {
     pub pull_pods_created: Family<ClusterLabels, Counter>,
     pub pulls_finished: Family<OutcomeLabels, Counter>,
     pub status_writes: Family<ClusterLabels, Counter>,
+    pub api_responses: Family<ResponseLabels, Counter>,
 }
 
 impl Metrics {
@@ -70,6 +77,17 @@ impl Metrics {
             .inc();
     }
 
+    /// One answer of a cluster's API server, by HTTP status code (a 429 is
+    /// API Priority and Fairness, or another limit, turning a request away).
+    pub fn api_response(&self, cluster: &str, code: u16) {
+        self.api_responses
+            .get_or_create(&ResponseLabels {
+                cluster: cluster.to_string(),
+                code: code.to_string(),
+            })
+            .inc();
+    }
+
     pub fn render(&self, view: &StatusView) -> Result<String, std::fmt::Error> {
         let mut registry = Registry::with_prefix("kube_prefetch");
         registry.register(
@@ -86,6 +104,11 @@ impl Metrics {
             "status_writes",
             "Prefetch status subresource writes",
             self.status_writes.clone(),
+        );
+        registry.register(
+            "api_responses",
+            "Answers of each cluster's API server, by HTTP status code",
+            self.api_responses.clone(),
         );
 
         let cluster_state = Family::<ClusterStateLabels, Gauge>::default();

@@ -294,6 +294,7 @@ fn every_registered_metric_is_documented_with_its_type_and_labels() {
     metrics.pull_created("sim-1");
     metrics.pull_finished("sim-1", "succeeded");
     metrics.status_written("sim-1");
+    metrics.api_response("sim-1", 429);
     let view = StatusView {
         standby: false,
         clusters: vec![ClusterView {

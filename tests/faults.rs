@@ -978,3 +978,754 @@ async fn leader_killed_mid_fan_out_standby_adopts_and_finishes() -> Result<()> {
     home.cleanup().await?;
     Ok(())
 }
+
+/// Every fresh fact about one Prefetch that kube-prefetch's watches must
+/// have delivered: its spec's images and the worker nodes that are Ready.
+async fn fresh_expectation(client: &Client, namespace: &str) -> Result<(BTreeSet<String>, usize)> {
+    use k8s_openapi::api::core::v1::Node;
+    let prefetch = Api::<Prefetch>::namespaced(client.clone(), namespace)
+        .get(PREFETCH)
+        .await?;
+    let images = prefetch.spec.images.iter().cloned().collect();
+    let nodes = Api::<Node>::all(client.clone())
+        .list(&kube::api::ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|node| {
+            node.metadata
+                .name
+                .as_deref()
+                .is_some_and(|name| name.contains("worker"))
+                && node
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .count();
+    Ok((images, nodes))
+}
+
+/// Waits until the Prefetch status shows what a fresh list says (its images
+/// and node count); returns how long that took.
+async fn wait_caught_up(run: &Fanout, since: Instant) -> Result<Duration> {
+    let (images, nodes) = fresh_expectation(&run.client(), run.ns.name()).await?;
+    support::wait_for(
+        &format!(
+            "the status to show {} images on {nodes} nodes",
+            images.len()
+        ),
+        Duration::from_secs(60),
+        || async {
+            let status = run.status().await?;
+            let shown: BTreeSet<String> = status.images.iter().cloned().collect();
+            Ok((shown == images && status.nodes as usize == nodes).then_some(()))
+        },
+    )
+    .await?;
+    Ok(since.elapsed())
+}
+
+/// Case 7: kube-prefetch's watches of one cluster broken many times during
+/// a fan-out that keeps changing, each time with changes made while it
+/// could not see them, then the API server restarted (its watch cache
+/// rebuilt, so the watches must list again). No event may be missed: the
+/// final status equals what a fresh list says, the work completes and no
+/// pull pod is left.
+///
+/// The watches are broken by cutting every connection of kube-prefetch to
+/// the API server (a TCP relay in front of it), not by a short
+/// `--min-request-timeout`: the API server only applies that flag to
+/// watches that ask for no timeout, and kube-rs always asks for 290 s
+/// (RELIABILITY.md, case 7). A cut ends a watch the same way the server's
+/// timeout does, at any point of the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection (minutes): make test-faults"]
+async fn watches_broken_many_times_miss_no_event() -> Result<()> {
+    use k8s_openapi::api::core::v1::{Node, Pod};
+    use kube::ResourceExt;
+    use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+    const CUTS: usize = 4;
+    const BLIND: Duration = Duration::from_millis(1500);
+    let _serial = setup().await;
+    let base = baseline().await?;
+    let clusters = support::cluster_names();
+    let cluster = clusters[0].clone();
+    let context = "relayed";
+    let dir = tempfile::tempdir()?;
+    let relayed = closed_port_kubeconfig(dir.path(), &cluster, context)?;
+    let mut relay = relayed.open().await?;
+    let kubeconfig_toml = format!(
+        "[[kubeconfig]]\npath = {:?}\n\n[[kubeconfig]]\npath = {:?}\ncontexts = [{:?}, {:?}]\n",
+        relayed.path.display().to_string(),
+        support::kubeconfig_path().display().to_string(),
+        clusters[1],
+        clusters[2],
+    );
+    let mut spec_images = images("watches", 15);
+    let run = Fanout::create(&cluster, "watches", spec_images.clone()).await?;
+    let orchestrator =
+        Orchestrator::start("faults-watches", options(Some(kubeconfig_toml))).await?;
+    let client = run.client();
+    let prefetches: Api<Prefetch> = run.ns.api();
+    let pods: Api<Pod> = run.ns.api();
+    let nodes: Api<Node> = Api::all(client.clone());
+    let extra_node = support::unique_name("watches-worker");
+    let node_cleanup = delete_nodes_later(&cluster, vec![extra_node.clone()]);
+    support::wait_for("the first pulls", Duration::from_secs(60), || {
+        let seen = run.pods_seen();
+        async move { Ok((seen >= 10).then_some(())) }
+    })
+    .await?;
+    let controls = controls_beside(&cluster).await?;
+
+    let mut deleted_by_test: Vec<(String, String)> = Vec::new();
+    let mut catch_up = Vec::new();
+    for cut in 1..=CUTS {
+        relay.close();
+        // Blind from here: changes kube-prefetch must learn of afterwards.
+        spec_images.extend(images(&format!("watches-cut{cut}"), 5));
+        match cut {
+            1 => {
+                apply(&nodes, fake_node(&extra_node, "amd64", json!({}))).await?;
+            }
+            2 => {
+                let in_flight = pods.list(&ListParams::default().labels(MANAGED_BY)).await?;
+                // Someone else deletes a pull pod: kube-prefetch pulls that
+                // pair again.
+                if let Some(pod) = in_flight
+                    .items
+                    .iter()
+                    .find(|p| p.metadata.deletion_timestamp.is_none())
+                {
+                    let annotation = |key: &str| pod.annotations().get(key).cloned();
+                    if let (Some(node), Some(image)) =
+                        (annotation(NODE_ANNOTATION), annotation(IMAGE_ANNOTATION))
+                    {
+                        pods.delete(&pod.name_any(), &DeleteParams::default())
+                            .await?;
+                        deleted_by_test.push((node, image));
+                    }
+                }
+            }
+            3 => {
+                // The first five images are dropped from the spec.
+                spec_images.drain(..5);
+                nodes.delete(&extra_node, &DeleteParams::default()).await?;
+            }
+            _ => {}
+        }
+        prefetches
+            .patch(
+                PREFETCH,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "spec": { "images": spec_images } })),
+            )
+            .await?;
+        if cut == 1 {
+            wait_nodes_ready(&nodes, vec![extra_node.clone()]).await?;
+        }
+        tokio::time::sleep(BLIND).await;
+        relay = support::wait_for("the relay to reopen", Duration::from_secs(10), || async {
+            relayed.open().await.map(Some)
+        })
+        .await?;
+        let reopened_at = Instant::now();
+        catch_up.push(wait_caught_up(&run, reopened_at).await?);
+    }
+
+    // The API server restarted: its watch cache is rebuilt and the old
+    // resource versions are gone, so every watch lists again.
+    let mut apiserver = KilledDaemon::kill(&cluster, "kube-apiserver")?;
+    let killed_at = Instant::now();
+    let reason = wait_unreachable(&orchestrator, context).await?;
+    let noticed = killed_at.elapsed();
+    apiserver.start()?;
+    support::wait_for(
+        "the API server to answer",
+        Duration::from_secs(60),
+        || async { Ok(prefetches.get(PREFETCH).await.ok().map(|_| ())) },
+    )
+    .await?;
+    let restarted_at = Instant::now();
+    // Changed at once, most likely before kube-prefetch's watches are back.
+    spec_images.extend(images("watches-restart", 5));
+    prefetches
+        .patch(
+            PREFETCH,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "images": spec_images } })),
+        )
+        .await?;
+    let restart_caught_up = wait_caught_up(&run, restarted_at).await?;
+    let ready = run.wait_ready(restarted_at).await?;
+    wait_connected(&orchestrator, context).await?;
+
+    // The final state against a fresh list.
+    let (images, node_count) = fresh_expectation(&client, run.ns.name()).await?;
+    let status = run.status().await?;
+    let pairs = images.len() * node_count;
+    ensure!(
+        status.images.iter().cloned().collect::<BTreeSet<_>>() == images
+            && status.nodes as usize == node_count
+            && status.pulls.total as usize == pairs
+            && status.pulls.ready as usize == pairs
+            && status.pulls.in_flight == 0
+            && status.pulls.failed == 0,
+        "the status says {} images on {} nodes, pulls {:?}; a fresh list: {} images on {node_count} nodes",
+        status.images.len(),
+        status.nodes,
+        status.pulls,
+        images.len()
+    );
+    let view = orchestrator.status().await?;
+    let summary = view
+        .clusters
+        .iter()
+        .find(|c| c.name == context)
+        .and_then(|c| c.prefetches.iter().find(|p| p.namespace == run.ns.name()))
+        .with_context(|| format!("not in /api/v1/status: {view:?}"))?;
+    ensure!(
+        summary.nodes == status.nodes
+            && summary.pulls == status.pulls
+            && summary.phase == Phase::Ready,
+        "/api/v1/status {summary:?} and the status {status:?} differ"
+    );
+    wait_no_pull_pods(&client, run.ns.name(), Duration::from_secs(30)).await?;
+    let seen = run.log.pods_in(run.ns.name());
+    let mut per_pair: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for pod in &seen {
+        *per_pair
+            .entry((pod.node.clone(), pod.image.clone()))
+            .or_default() += 1;
+    }
+    let twice: Vec<_> = per_pair
+        .iter()
+        .filter(|(pair, n)| **n > 1 && !deleted_by_test.contains(pair))
+        .collect();
+    ensure!(twice.is_empty(), "pairs with two pull pods: {twice:?}");
+    let created = created(&orchestrator, context).await?;
+    ensure!(
+        created as usize <= per_pair.len() + deleted_by_test.len(),
+        "kube-prefetch created {created} pull pods for {} pairs (+{} deleted by the test)",
+        per_pair.len(),
+        deleted_by_test.len()
+    );
+    let others = finish_controls(&orchestrator, controls, base).await?;
+    record(
+        "7 watches broken",
+        &[
+            ("cuts", format!("{CUTS} (blind {} each)", secs(BLIND))),
+            (
+                "status_caught_up_after_reopen",
+                catch_up
+                    .iter()
+                    .map(|d| secs(*d))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
+            ("unreachable_after_apiserver_kill", secs(noticed)),
+            ("caught_up_after_apiserver_restart", secs(restart_caught_up)),
+            ("ready_after_restart", secs(ready)),
+            (
+                "final",
+                format!(
+                    "{} images x {node_count} nodes = {pairs} pairs READY",
+                    images.len()
+                ),
+            ),
+            (
+                "pods_created",
+                format!(
+                    "{created} for {} pairs pulled, {} deleted by the test",
+                    per_pair.len(),
+                    deleted_by_test.len()
+                ),
+            ),
+            ("pods_left", "0".into()),
+            ("others", others),
+            ("reason", format!("{reason:?}")),
+        ],
+    );
+    run.cleanup().await?;
+    node_cleanup.run().await?;
+    Ok(())
+}
+
+/// Shifts every timestamp of a pod's status (`startTime`, the conditions'
+/// `lastTransitionTime`) by `shift`, as if the node's kubelet clock were
+/// that far off.
+fn skewed_status(pod: &k8s_openapi::api::core::v1::Pod, shift: i64) -> serde_json::Value {
+    let shifted = |time: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time| {
+        (time.0 + k8s_openapi::jiff::SignedDuration::from_secs(shift)).to_string()
+    };
+    let status = pod.status.clone().unwrap_or_default();
+    let conditions: Vec<serde_json::Value> = status
+        .conditions
+        .unwrap_or_default()
+        .iter()
+        .map(|c| {
+            json!({
+                "type": c.type_,
+                "status": c.status,
+                "lastTransitionTime": c.last_transition_time.as_ref().map(shifted),
+            })
+        })
+        .collect();
+    json!({ "status": {
+        "startTime": status.start_time.as_ref().map(shifted),
+        "conditions": conditions,
+    } })
+}
+
+/// Case 9: a pull pod's deadline is judged by kube-prefetch's own
+/// (monotonic) clock from when it created the pod, so pod timestamps from a
+/// clock a minute ahead or behind change nothing. Three slow pulls (held
+/// ~30 s by KWOK) with a 5 s pull timeout: one pod's status timestamps are
+/// moved a minute into the future, one a minute into the past, one is left
+/// alone; all three are judged at the same time, the pull timeout plus the
+/// 10 s allowed for the kubelet's report after creation.
+///
+/// Not covered end to end: a pod adopted after a restart is judged from its
+/// `creationTimestamp` (the unit test
+/// `adopted_deadline_with_a_server_clock_a_minute_ahead_is_not_shortened`),
+/// which only the API server writes, from its own clock, and the sim cannot
+/// shift that clock (RELIABILITY.md, case 9).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection (minutes): make test-faults"]
+async fn pull_deadline_ignores_pod_timestamps_a_minute_off() -> Result<()> {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Patch, PatchParams};
+    const PULL_TIMEOUT: Duration = Duration::from_secs(5);
+    /// The pull timeout plus the slack for the kubelet's report.
+    const JUDGED_AFTER: Duration = Duration::from_secs(15);
+    let _serial = setup().await;
+    let cluster = support::cluster_names()[2].clone();
+    let run = Fanout::create(&cluster, "clock", vec!["slow.invalid/clock/app1:1".into()]).await?;
+    let orchestrator = Orchestrator::start(
+        "faults-clock",
+        Options {
+            defaults_toml: format!("{DEFAULTS_TOML}\npull_timeout = {}", PULL_TIMEOUT.as_secs()),
+            ..Options::default()
+        },
+    )
+    .await?;
+    let first = support::wait_for("a pull pod on each worker", Duration::from_secs(60), || {
+        let pods = run.log.pods_in(run.ns.name());
+        async move { Ok((pods.len() == 3).then_some(pods)) }
+    })
+    .await?;
+    let pods: Api<Pod> = run.ns.api();
+    let shifts = [60, -60, 0];
+    for (seen, shift) in first.iter().zip(shifts) {
+        if shift != 0 {
+            // Once KWOK has set the times (the pod is scheduled, Pending).
+            let pod = support::wait_for("the pod's startTime", Duration::from_secs(10), || async {
+                let pod = pods.get(&seen.name).await?;
+                Ok(pod
+                    .status
+                    .as_ref()
+                    .is_some_and(|s| s.start_time.is_some())
+                    .then_some(pod))
+            })
+            .await?;
+            pods.patch_status(
+                &seen.name,
+                &PatchParams::default(),
+                &Patch::Merge(skewed_status(&pod, shift)),
+            )
+            .await?;
+        }
+    }
+    // When each first pod is gone (kube-prefetch deletes a pod it judged).
+    let mut judged: BTreeMap<String, Duration> = BTreeMap::new();
+    let mut last_start: BTreeMap<String, String> = BTreeMap::new();
+    let until = Instant::now() + JUDGED_AFTER + Duration::from_secs(30);
+    while judged.len() < first.len() && Instant::now() < until {
+        for pod in run.log.pods_in(run.ns.name()) {
+            if let Some(seen) = first.iter().find(|f| f.uid == pod.uid) {
+                if pod.deleted {
+                    judged
+                        .entry(pod.uid.clone())
+                        .or_insert_with(|| seen.first_seen.elapsed());
+                } else if let Some(start) =
+                    pod.pod.status.as_ref().and_then(|s| s.start_time.as_ref())
+                {
+                    last_start.insert(pod.uid.clone(), start.0.to_string());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut fields = Vec::new();
+    for (seen, shift) in first.iter().zip(shifts) {
+        let after = judged
+            .get(&seen.uid)
+            .with_context(|| format!("{} (times shifted {shift} s) not judged", seen.name))?;
+        // Judged neither a minute early nor a minute late: at the deadline,
+        // give or take the actor's tick and the test's watch.
+        ensure!(
+            *after >= JUDGED_AFTER - Duration::from_secs(2)
+                && *after <= JUDGED_AFTER + Duration::from_secs(5),
+            "{} (times shifted {shift} s) judged {after:?} after its creation, not ~{JUDGED_AFTER:?}",
+            seen.name
+        );
+        fields.push((
+            format!("shift {shift:+}s"),
+            format!(
+                "judged {} after creation (startTime seen {})",
+                secs(*after),
+                last_start.get(&seen.uid).map_or("-", String::as_str)
+            ),
+        ));
+    }
+    let lines = log_lines_with(&orchestrator.log_path, "outlived its deadline").len();
+    ensure!(lines >= 3, "{lines} pods judged in kube-prefetch's log");
+    let fields: Vec<(&str, String)> = fields
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    record("9 clock skew", &fields);
+    run.cleanup().await?;
+    Ok(())
+}
+
+/// The API server's own metric `name` for one priority level (from its
+/// `/metrics`, read as admin).
+async fn apiserver_metric(client: &Client, name: &str, level: &str) -> Result<f64> {
+    let request = http::Request::get("/metrics").body(Vec::new())?;
+    let text = client.request_text(request).await?;
+    let label = format!("priority_level=\"{level}\"");
+    Ok(text
+        .lines()
+        .filter(|line| line.starts_with(name) && line.contains(&label))
+        .filter_map(|line| line.split_whitespace().last()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// A request of the user `operator` that holds one of its API Priority and
+/// Fairness seats: a pod create whose body never finishes arriving (the API
+/// server reads the body inside the seat). Ends when dropped.
+struct SeatHolder {
+    curl: std::process::Child,
+}
+
+impl SeatHolder {
+    fn start(sim: &support::Sim, cluster: &str, namespace: &str) -> Result<SeatHolder> {
+        use std::process::{Command, Stdio};
+        let sim_dir = sim.run_dir.join(cluster);
+        let kubeconfig = kube::config::Kubeconfig::read_from(sim.operator_kubeconfig(cluster))?;
+        let server = kubeconfig
+            .clusters
+            .first()
+            .and_then(|c| c.cluster.as_ref())
+            .and_then(|c| c.server.clone())
+            .context("operator kubeconfig: no server")?;
+        // tokens.csv: token,user,uid[,groups]
+        let tokens = std::fs::read_to_string(sim_dir.join("tokens.csv"))?;
+        let token = tokens
+            .lines()
+            .find_map(|line| {
+                let mut fields = line.split(',');
+                let token = fields.next()?;
+                (fields.next()? == "operator").then(|| token.to_string())
+            })
+            .context("no operator token in tokens.csv")?;
+        let mut curl = Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "--cacert"])
+            .arg(sim_dir.join("pki/ca.crt"))
+            .args(["-H", &format!("Authorization: Bearer {token}")])
+            .args([
+                "-H",
+                "Content-Type: application/json",
+                "-X",
+                "POST",
+                "-T",
+                "-",
+            ])
+            .arg(format!("{server}/api/v1/namespaces/{namespace}/pods"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting curl")?;
+        // The first byte makes curl send the request; the rest never comes.
+        curl.stdin
+            .as_mut()
+            .context("curl stdin")?
+            .write_all(b"{")
+            .context("writing to curl")?;
+        Ok(SeatHolder { curl })
+    }
+}
+
+impl Drop for SeatHolder {
+    fn drop(&mut self) {
+        let _ = self.curl.kill();
+        let _ = self.curl.wait();
+    }
+}
+
+/// Case 8: the API server slowed down for kube-prefetch by API Priority and
+/// Fairness: its user (`operator`, with the shipped RBAC) is put in a
+/// priority level of its own with the smallest share (3 seats of the sim's
+/// 600), no borrowing and no queue (Reject), and all seats but one are
+/// held by other requests of the same user. Its requests that find the seat
+/// taken are answered 429. kube-prefetch must stay within `api_qps`
+/// (retries of 429s included), show the 429s in /metrics, exactly as many
+/// as the API server rejected, and finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection (minutes): make test-faults"]
+async fn apf_throttled_cluster_keeps_its_request_budget_and_finishes() -> Result<()> {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    use kube::api::{DynamicObject, PostParams};
+    const API_QPS: f64 = 10.0;
+    let _serial = setup().await;
+    let base = baseline().await?;
+    let clusters = support::cluster_names();
+    let cluster = clusters[1].clone();
+    let target = format!("{cluster}-operator");
+    let sim = support::sim().await;
+    let admin = support::client(&cluster).await;
+    let name = support::unique_name("kube-prefetch-faults-apf");
+    let (role, binding) = granted_to_operator(shipped_rbac()?, &name);
+    let cleanup = {
+        let name = name.clone();
+        support::Cleanup::new(
+            &cluster,
+            format!("RBAC and APF {name}"),
+            move |client| async move {
+                delete_rbac(&client, Some(&name)).await?;
+                for (kind, plural) in [
+                    ("FlowSchema", "flowschemas"),
+                    ("PriorityLevelConfiguration", "prioritylevelconfigurations"),
+                ] {
+                    let api: Api<DynamicObject> =
+                        Api::all_with(client.clone(), &apf_resource(kind, plural));
+                    let _ = api.delete(&name, &kube::api::DeleteParams::default()).await;
+                }
+                Ok(())
+            },
+        )
+    };
+    Api::<ClusterRole>::all(admin.clone())
+        .create(&PostParams::default(), &role)
+        .await?;
+    Api::<ClusterRoleBinding>::all(admin.clone())
+        .create(&PostParams::default(), &binding)
+        .await?;
+    let levels: Api<DynamicObject> = Api::all_with(
+        admin.clone(),
+        &apf_resource("PriorityLevelConfiguration", "prioritylevelconfigurations"),
+    );
+    apply(
+        &levels,
+        json!({
+            "apiVersion": "flowcontrol.apiserver.k8s.io/v1",
+            "kind": "PriorityLevelConfiguration",
+            "metadata": { "name": name },
+            "spec": { "type": "Limited", "limited": {
+                "nominalConcurrencyShares": 1,
+                "lendablePercent": 0,
+                "borrowingLimitPercent": 0,
+                "limitResponse": { "type": "Reject" },
+            } },
+        }),
+    )
+    .await?;
+    let schemas: Api<DynamicObject> =
+        Api::all_with(admin.clone(), &apf_resource("FlowSchema", "flowschemas"));
+    apply(
+        &schemas,
+        json!({
+            "apiVersion": "flowcontrol.apiserver.k8s.io/v1",
+            "kind": "FlowSchema",
+            "metadata": { "name": name },
+            "spec": {
+                // Before every suggested schema (the lowest is 100).
+                "matchingPrecedence": 50,
+                "priorityLevelConfiguration": { "name": name },
+                "distinguisherMethod": { "type": "ByUser" },
+                "rules": [{
+                    "subjects": [{ "kind": "User", "user": { "name": "operator" } }],
+                    "resourceRules": [{ "verbs": ["*"], "apiGroups": ["*"], "resources": ["*"], "clusterScope": true, "namespaces": ["*"] }],
+                    "nonResourceRules": [{ "verbs": ["*"], "nonResourceURLs": ["*"] }],
+                }],
+            },
+        }),
+    )
+    .await?;
+    let seats = support::wait_for(
+        "the priority level's seats",
+        Duration::from_secs(30),
+        || async {
+            let seats =
+                apiserver_metric(&admin, "apiserver_flowcontrol_nominal_limit_seats", &name)
+                    .await?;
+            Ok((seats >= 1.0).then_some(seats as usize))
+        },
+    )
+    .await?;
+    let run = Fanout::create(&cluster, "apf", images("apf", 10)).await?;
+    let holders = (1..seats)
+        .map(|_| SeatHolder::start(&sim, &cluster, run.ns.name()))
+        .collect::<Result<Vec<_>>>()?;
+    support::wait_for("the seats held", Duration::from_secs(30), || async {
+        let held = apiserver_metric(
+            &admin,
+            "apiserver_flowcontrol_current_executing_seats",
+            &name,
+        )
+        .await?;
+        Ok((held as usize >= holders.len()).then_some(()))
+    })
+    .await?;
+    let rejected_before = apiserver_metric(
+        &admin,
+        "apiserver_flowcontrol_rejected_requests_total",
+        &name,
+    )
+    .await?;
+
+    let kubeconfig_toml = format!(
+        "[[kubeconfig]]\npath = {:?}\n\n[[kubeconfig]]\npath = {:?}\ncontexts = [{:?}, {:?}]\n",
+        sim.operator_kubeconfig(&cluster).display().to_string(),
+        support::kubeconfig_path().display().to_string(),
+        clusters[0],
+        clusters[2],
+    );
+    let orchestrator = Orchestrator::start(
+        "faults-apf",
+        Options {
+            kubeconfig_toml: Some(kubeconfig_toml),
+            defaults_toml: DEFAULTS_TOML.replace("api_qps = 50.0", &format!("api_qps = {API_QPS}")),
+            ..Options::default()
+        },
+    )
+    .await?;
+    let started = Instant::now();
+    let controls = controls_beside(&cluster).await?;
+    // The answers to kube-prefetch, sampled each second until READY.
+    let mut samples: Vec<(Instant, f64)> = Vec::new();
+    let mut states = BTreeSet::new();
+    let deadline = started + READY_TIMEOUT;
+    loop {
+        let metrics = orchestrator.get("/metrics").await?;
+        samples.push((
+            Instant::now(),
+            metric_sum(&metrics, "kube_prefetch_api_responses_total", &target),
+        ));
+        if let Some(state) = cluster_state(&orchestrator.status().await?, &target) {
+            states.insert(state);
+        }
+        if run.status().await?.phase == Some(Phase::Ready) {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{target}: not READY within {READY_TIMEOUT:?}: {:?}",
+            run.status().await?
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let ready = started.elapsed();
+    let held_to_the_end = apiserver_metric(
+        &admin,
+        "apiserver_flowcontrol_current_executing_seats",
+        &name,
+    )
+    .await? as usize;
+    drop(holders);
+    // A held request ends at the API server's request timeout (60 s).
+    ensure!(
+        held_to_the_end >= seats - 1,
+        "only {held_to_the_end} seats still held at READY: make the fan-out smaller"
+    );
+    let rejected = apiserver_metric(
+        &admin,
+        "apiserver_flowcontrol_rejected_requests_total",
+        &name,
+    )
+    .await?
+        - rejected_before;
+    let metrics = orchestrator.get("/metrics").await?;
+    let answered_429 = metric_sum(
+        &metrics
+            .lines()
+            .filter(|l| l.contains("code=\"429\""))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        "kube_prefetch_api_responses_total",
+        &target,
+    );
+    ensure!(
+        answered_429 > 0.0 && answered_429 <= rejected,
+        "{answered_429} answers 429 in kube-prefetch's /metrics, {rejected} requests rejected by the API server"
+    );
+    // The budget: at most api_qps request starts a second (tower's rate
+    // limit works in whole one-second windows, hence the + 1).
+    let mut busiest = 0.0_f64;
+    for (i, (at, count)) in samples.iter().enumerate() {
+        if let Some((later, later_count)) = samples[i..]
+            .iter()
+            .find(|(t, _)| t.duration_since(*at) >= Duration::from_secs(5))
+        {
+            let window = later.duration_since(*at).as_secs_f64();
+            let requests = later_count - count;
+            busiest = busiest.max(requests / window);
+            ensure!(
+                requests <= API_QPS * (window + 1.0),
+                "{requests} requests in {window:.1} s, budget {API_QPS}/s"
+            );
+        }
+    }
+    let total = samples.last().map_or(0.0, |s| s.1);
+    let created = created(&orchestrator, &target).await?;
+    let seen = run.check_done(created).await?;
+    let others = finish_controls(&orchestrator, controls, base).await?;
+    record(
+        "8 APF throttled",
+        &[
+            ("pulls", run.pairs.len().to_string()),
+            (
+                "seats",
+                format!(
+                    "{seats}, {} held by others ({held_to_the_end} at READY)",
+                    seats - 1
+                ),
+            ),
+            ("ready_after_start", secs(ready)),
+            (
+                "answers_429",
+                format!("{answered_429} (API server rejected {rejected})"),
+            ),
+            (
+                "requests",
+                format!(
+                    "{total} in {}, busiest 5 s: {busiest:.1}/s (api_qps {API_QPS})",
+                    secs(ready)
+                ),
+            ),
+            (
+                "pods_created",
+                format!("{seen} for {} pairs", run.pairs.len()),
+            ),
+            ("pods_left", "0".into()),
+            ("others", others),
+            ("states_shown", format!("{states:?}")),
+        ],
+    );
+    run.cleanup().await?;
+    cleanup.run().await?;
+    Ok(())
+}
+
+fn apf_resource(kind: &str, plural: &str) -> kube::api::ApiResource {
+    kube::api::ApiResource {
+        group: "flowcontrol.apiserver.k8s.io".into(),
+        version: "v1".into(),
+        api_version: "flowcontrol.apiserver.k8s.io/v1".into(),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}

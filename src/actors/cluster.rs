@@ -15,12 +15,16 @@ use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{Api, ListParams};
 use kube::client::ClientBuilder;
+use kube::client::retry::RetryPolicy;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
+use tower::buffer::BufferLayer;
 use tower::filter::FilterLayer;
 use tower::limit::RateLimitLayer;
+use tower::retry::RetryLayer;
+use tower::util::MapResponseLayer;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::actors::delete_pull_pod_until_gone;
@@ -207,8 +211,9 @@ impl ClusterActor {
         let target = self.target.clone();
         let api_qps = self.config.defaults.api_qps;
         let gate = self.gate.clone();
-        let fut =
-            async move { connect(&target, api_qps, gate).await }.instrument(self.span.clone());
+        let metrics = self.metrics.clone();
+        let fut = async move { connect(&target, api_qps, gate, metrics).await }
+            .instrument(self.span.clone());
         ctx.spawn(fut.into_actor(self).map(|result, actor, ctx| {
             let _span = actor.span.clone().entered();
             match result {
@@ -778,8 +783,9 @@ async fn connect(
     target: &ClusterTarget,
     api_qps: f64,
     gate: WriteGate,
+    metrics: Metrics,
 ) -> Result<(Client, String), ClusterHealth> {
-    let client = build_client(target, Some(api_qps), gate)
+    let client = build_client(target, Some(api_qps), gate, Some(metrics))
         .await
         .map_err(|error| ClusterHealth::Unreachable {
             reason: error.to_string(),
@@ -813,12 +819,14 @@ async fn connect(
 
 /// Builds a client for one kubeconfig context, limited to `api_qps`
 /// requests per second when given, whose writes pass `gate` (one place for
-/// every write, whoever makes it). Must run on the Arbiter that will use
-/// the client: its connection pool lives on that runtime.
+/// every write, whoever makes it), counting the API server's answers in
+/// `metrics` when given. Must run on the Arbiter that will use the client:
+/// its connection pool lives on that runtime.
 pub async fn build_client(
     target: &ClusterTarget,
     api_qps: Option<f64>,
     gate: WriteGate,
+    metrics: Option<Metrics>,
 ) -> Result<Client, Error> {
     let kubeconfig =
         Kubeconfig::read_from(&target.kubeconfig).map_err(|source| Error::ReadKubeconfig {
@@ -838,16 +846,34 @@ pub async fn build_client(
             source,
         })?;
     config.connect_timeout = Some(Duration::from_secs(5));
+    let rate = api_qps.and_then(request_rate);
+    // kube's own retry of 429, 503 and 504 answers sits below any layer
+    // added here, so its retries would bypass the rate limit (and the
+    // answer count): with a limit, the same retry is added above it instead.
+    config.default_retry = rate.is_none();
     let builder = ClientBuilder::try_from(config).map_err(|source| Error::BuildClient {
         cluster: target.name.clone(),
         source,
     })?;
+    // Innermost: every answer the server gave is counted, retried or not.
+    let cluster = target.name.clone();
+    let count = MapResponseLayer::new(move |response: http::Response<_>| {
+        if let Some(metrics) = &metrics {
+            metrics.api_response(&cluster, response.status().as_u16());
+        }
+        response
+    });
+    let builder = builder.with_layer(&count);
     // Outside the rate limit: a refused write takes no request slot.
     let gate = FilterLayer::new(move |request| gate.check(request));
-    Ok(match api_qps.and_then(request_rate) {
-        // Counts request starts; a long-running watch holds no slot.
+    Ok(match rate {
+        // Counts request starts, retries included; a long-running watch
+        // holds no slot. The retry layer clones the service below it for
+        // each retry: the buffer makes every clone share one rate limit.
         Some(rate) => builder
             .with_layer(&RateLimitLayer::new(rate.0, rate.1))
+            .with_layer(&BufferLayer::new(1024))
+            .with_layer(&RetryLayer::new(RetryPolicy::server_retry()))
             .with_layer(&gate)
             .build(),
         None => builder.with_layer(&gate).build(),

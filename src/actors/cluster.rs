@@ -103,6 +103,12 @@ struct KindWatch {
     error: Option<String>,
 }
 
+/// The core watches every cluster actor runs, by the name its logs use.
+const PREFETCHES_WATCH: &str = "prefetches";
+const NODES_WATCH: &str = "nodes";
+const NAMESPACES_WATCH: &str = "namespaces";
+const PODS_WATCH: &str = "pull pods";
+
 pub struct ClusterActor {
     target: ClusterTarget,
     config: Arc<Config>,
@@ -136,6 +142,10 @@ pub struct ClusterActor {
     queue: DispatchQueue,
     background: Vec<tokio::task::JoinHandle<()>>,
     last_health: Option<ClusterHealth>,
+    /// The core watches whose last word was an error. The cluster is
+    /// Connected again only once each of them has delivered an event: events
+    /// another watch queued before the outage prove nothing.
+    failed_watches: BTreeSet<&'static str>,
     version: String,
     /// The API server answers but says it is not ready (its `/readyz`): its
     /// etcd is down, say, which no watch shows, as the API server serves
@@ -186,6 +196,7 @@ impl ClusterActor {
             queue: DispatchQueue::new(0, 0),
             background: Vec::new(),
             last_health: None,
+            failed_watches: BTreeSet::new(),
             version: String::new(),
             not_ready: false,
             write_refused: false,
@@ -240,6 +251,8 @@ impl ClusterActor {
     }
 
     fn on_connected(&mut self, client: Client, version: String, ctx: &mut Context<Self>) {
+        // New watches: nothing of the old ones is still failing.
+        self.failed_watches.clear();
         let defaults = &self.config.defaults;
         let reporter = Reporter {
             controller: "kube-prefetch".into(),
@@ -267,7 +280,7 @@ impl ClusterActor {
         self.spawn_watch(
             prefetches,
             watcher::Config::default(),
-            "prefetches",
+            PREFETCHES_WATCH,
             addr.clone(),
             PrefetchEvent,
         );
@@ -275,7 +288,7 @@ impl ClusterActor {
         self.spawn_watch(
             nodes,
             watcher::Config::default(),
-            "nodes",
+            NODES_WATCH,
             addr.clone(),
             NodeEvent,
         );
@@ -283,7 +296,7 @@ impl ClusterActor {
         self.spawn_watch(
             namespaces,
             watcher::Config::default(),
-            "namespaces",
+            NAMESPACES_WATCH,
             addr.clone(),
             NamespaceEvent,
         );
@@ -291,7 +304,7 @@ impl ClusterActor {
         self.spawn_watch(
             pods,
             watcher::Config::default().labels(&managed_selector()),
-            "pull pods",
+            PODS_WATCH,
             addr.clone(),
             PodEvent,
         );
@@ -979,7 +992,7 @@ impl Handler<NamespaceEvent> for ClusterActor {
     type Result = ();
     fn handle(&mut self, NamespaceEvent(event): NamespaceEvent, _: &mut Self::Context) {
         let _span = self.span.clone().entered();
-        self.mark_healthy();
+        self.mark_healthy(Some(NAMESPACES_WATCH));
         let changed = match event {
             watcher::Event::Init => {
                 self.namespaces_buffer = Some(BTreeMap::new());
@@ -1096,7 +1109,7 @@ impl Handler<PrefetchEvent> for ClusterActor {
     type Result = ();
     fn handle(&mut self, PrefetchEvent(event): PrefetchEvent, ctx: &mut Self::Context) {
         let _span = self.span.clone().entered();
-        self.mark_healthy();
+        self.mark_healthy(Some(PREFETCHES_WATCH));
         match event {
             watcher::Event::Init => self.prefetch_init_seen.clear(),
             watcher::Event::InitApply(prefetch) => {
@@ -1133,7 +1146,7 @@ impl Handler<NodeEvent> for ClusterActor {
     type Result = ();
     fn handle(&mut self, NodeEvent(event): NodeEvent, _: &mut Self::Context) {
         let _span = self.span.clone().entered();
-        self.mark_healthy();
+        self.mark_healthy(Some(NODES_WATCH));
         match event {
             watcher::Event::Init => self.nodes.begin_relist(),
             watcher::Event::InitApply(node) => {
@@ -1222,7 +1235,7 @@ impl Handler<PodEvent> for ClusterActor {
     type Result = ();
     fn handle(&mut self, PodEvent(event): PodEvent, _: &mut Self::Context) {
         let _span = self.span.clone().entered();
-        self.mark_healthy();
+        self.mark_healthy(Some(PODS_WATCH));
         let key = |pod: &Pod| (pod.namespace().unwrap_or_default(), pod.name_any());
         match event {
             watcher::Event::Init => self.pods_buffer = Some(BTreeMap::new()),
@@ -1320,7 +1333,7 @@ impl Handler<Readyz> for ClusterActor {
             }
             None if self.not_ready => {
                 self.not_ready = false;
-                self.mark_healthy();
+                self.mark_healthy(None);
             }
             None => {}
         }
@@ -1356,14 +1369,21 @@ impl Handler<WriteAllowed> for ClusterActor {
         if self.write_refused {
             let _span = self.span.clone().entered();
             self.write_refused = false;
-            self.mark_healthy();
+            self.mark_healthy(None);
         }
     }
 }
 
 impl ClusterActor {
-    /// A watch delivered an event again after failing: the cluster is back.
-    fn mark_healthy(&mut self) {
+    /// A watch delivered an event (`watch`), or a check passed (`None`):
+    /// the cluster is back once no core watch is still failing.
+    fn mark_healthy(&mut self, watch: Option<&'static str>) {
+        if let Some(watch) = watch {
+            self.failed_watches.remove(watch);
+        }
+        if !self.failed_watches.is_empty() {
+            return;
+        }
         let was_down = matches!(
             self.last_health,
             Some(ClusterHealth::Unreachable { .. } | ClusterHealth::Forbidden { .. })
@@ -1381,6 +1401,7 @@ impl Handler<WatchFailed> for ClusterActor {
     fn handle(&mut self, msg: WatchFailed, _: &mut Self::Context) {
         let _span = self.span.clone().entered();
         warn!(watch = msg.what, error = %msg.error, "watch failed; retrying with backoff");
+        self.failed_watches.insert(msg.what);
         let detail = format!("watching {}: {}", msg.what, msg.error);
         self.report(if msg.forbidden {
             ClusterHealth::Forbidden { what: detail }

@@ -1,7 +1,8 @@
 //! Pulls on real nodes: a real kubelet v1.36, containerd and runc in sim-1
 //! (`clusters/sim/up --real-nodes 1`) pulling from registries on loopback.
-//! Every scenario runs once per pull method (`direct` and `helper`), and
-//! checks the image in the node's own containerd, not only our status.
+//! Every scenario runs once per pull method (`direct` and `helper`; only one
+//! if `REAL_NODE_METHOD` names it), and checks the image in the node's own
+//! containerd, not only our status.
 //!
 //! Ignored by a plain `cargo test` (they need the real nodes, which only
 //! `up --real-nodes` starts); `make test` starts them and runs
@@ -62,7 +63,7 @@ async fn article_sample_pulls_on_the_real_node() -> Result<()> {
     let client = support::client(&info.cluster).await;
     let prefetches: Api<Prefetch> = Api::namespaced(client.clone(), "default");
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
-    for method in METHODS {
+    for method in methods()? {
         let repo = support::unique_name(&format!("test/nginx-{method}"));
         let pushed = push_image(&[&format!("{repo}:1.7.9")]).await?;
         let image = format!("{}/{repo}:1.7.9", info.registries.plain);
@@ -143,7 +144,7 @@ async fn article_sample_pulls_on_the_real_node() -> Result<()> {
 async fn awkward_images_pull_with_a_restricted_pod() -> Result<()> {
     let _serial = setup().await;
     let info = real_info()?;
-    for method in METHODS {
+    for method in methods()? {
         let ns =
             support::TestNamespace::create(&info.cluster, &format!("awkward-{method}")).await?;
         let noshell = support::unique_name("test/noshell");
@@ -204,7 +205,7 @@ async fn awkward_images_pull_with_a_restricted_pod() -> Result<()> {
 async fn missing_image_fails_with_the_registry_message() -> Result<()> {
     let _serial = setup().await;
     let info = real_info()?;
-    for method in METHODS {
+    for method in methods()? {
         let ns =
             support::TestNamespace::create(&info.cluster, &format!("missing-{method}")).await?;
         let image = format!(
@@ -312,7 +313,7 @@ fn deployment(name: &str, image: &str, pull_secret: Option<&str>) -> serde_json:
 async fn private_image_needs_the_workload_pull_secret() -> Result<()> {
     let _serial = setup().await;
     let info = real_info()?;
-    for method in METHODS {
+    for method in methods()? {
         let ns =
             support::TestNamespace::create(&info.cluster, &format!("private-{method}")).await?;
         let allowed = support::unique_name("private/allowed");
@@ -395,7 +396,7 @@ async fn private_image_needs_the_workload_pull_secret() -> Result<()> {
 async fn image_reported_by_the_kubelet_is_not_pulled_again() -> Result<()> {
     let _serial = setup().await;
     let info = real_info()?;
-    for method in METHODS {
+    for method in methods()? {
         let ns =
             support::TestNamespace::create(&info.cluster, &format!("reported-{method}")).await?;
         let repo = support::unique_name("test/reported");
@@ -489,7 +490,7 @@ async fn start_real_nodes_again() -> Result<()> {
 async fn kubelet_stopped_mid_pull_recovers() -> Result<()> {
     let _serial = setup().await;
     let info = real_info()?;
-    for method in METHODS {
+    for method in methods()? {
         let ns =
             support::TestNamespace::create(&info.cluster, &format!("kubelet-{method}")).await?;
         let repo = support::unique_name("test/big");

@@ -18,6 +18,20 @@ use crate::harness::{Options, Orchestrator, PodLog};
 use crate::support;
 
 pub const METHODS: [&str; 2] = ["direct", "helper"];
+
+/// The pull methods these tests run: both, or only the one `REAL_NODE_METHOD`
+/// names (`make test` runs each method on its own set of clusters, side by
+/// side).
+pub fn methods() -> Result<Vec<&'static str>> {
+    match std::env::var("REAL_NODE_METHOD") {
+        Ok(wanted) if !wanted.is_empty() => METHODS
+            .iter()
+            .find(|method| **method == wanted)
+            .map(|method| vec![*method])
+            .with_context(|| format!("REAL_NODE_METHOD={wanted:?}: expected one of {METHODS:?}")),
+        _ => Ok(METHODS.to_vec()),
+    }
+}
 /// The kubelet refreshes its image list every 30 s and reports it with the
 /// next node status (every 10 s on the sim's real nodes).
 pub const NODE_IMAGES_TIMEOUT: Duration = Duration::from_secs(90);

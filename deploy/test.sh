@@ -80,7 +80,12 @@ go_chain() {
   # Needed by no test: the lowest priority, for the group too, since a new
   # session is a new scheduler autogroup where the kernel has them and nice
   # counts only inside one.
-  if [ -w /proc/self/autogroup ]; then echo 19 >/proc/self/autogroup 2>/dev/null || true; fi
+  # Only a group of its own: with autogroups off, setsid makes none, and the
+  # write would lower the caller's whole session.
+  if [ "$(cat /proc/sys/kernel/sched_autogroup_enabled 2>/dev/null)" = 1 ] &&
+    [ "$(cut -d' ' -f1 /proc/self/autogroup)" != "$caller_group" ]; then
+    echo 19 >/proc/self/autogroup 2>/dev/null || true
+  fi
   nice -n 19 deploy/lint.sh --build
 }
 
@@ -195,7 +200,8 @@ deploy/install-browser.sh
 # time only (linking, the long tail of one crate): side by side they finish
 # sooner than one after the other.
 echo "== make test: Go builds started in the background (log: $logs/builds.log)"
-setsid bash -c "set -euo pipefail; $(declare -f go_chain); logs=$logs; go_chain" >"$logs/builds.log" 2>&1 &
+caller_group=$(cut -d' ' -f1 /proc/$$/autogroup 2>/dev/null || true)
+setsid bash -c "set -euo pipefail; $(declare -f go_chain); logs=$logs; caller_group=$caller_group; go_chain" >"$logs/builds.log" 2>&1 &
 chain_pid=$!
 step "cargo clippy (Go control plane building alongside)"
 "$CARGO" clippy --all-targets "${features[@]}" -- -D warnings

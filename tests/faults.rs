@@ -1567,7 +1567,7 @@ async fn apf_throttled_cluster_keeps_its_request_budget_and_finishes() -> Result
     )
     .await?;
     let run = Fanout::create(&cluster, "apf", images("apf", 10)).await?;
-    let holders = (1..seats)
+    let mut holders = (1..seats)
         .map(|_| SeatHolder::start(&sim, &cluster, run.ns.name()))
         .collect::<Result<Vec<_>>>()?;
     support::wait_for("the seats held", Duration::from_secs(30), || async {
@@ -1621,6 +1621,13 @@ async fn apf_throttled_cluster_keeps_its_request_budget_and_finishes() -> Result
         if run.status().await?.phase == Some(Phase::Ready) {
             break;
         }
+        // A held request ends at the API server's request timeout (60 s): a
+        // slow run takes the seat again at once.
+        for holder in &mut holders {
+            if holder.curl.try_wait()?.is_some() {
+                *holder = SeatHolder::start(&sim, &cluster, run.ns.name())?;
+            }
+        }
         ensure!(
             Instant::now() < deadline,
             "{target}: not READY within {READY_TIMEOUT:?}: {:?}",
@@ -1636,10 +1643,9 @@ async fn apf_throttled_cluster_keeps_its_request_budget_and_finishes() -> Result
     )
     .await? as usize;
     drop(holders);
-    // A held request ends at the API server's request timeout (60 s).
     ensure!(
         held_to_the_end >= seats - 1,
-        "only {held_to_the_end} seats still held at READY: make the fan-out smaller"
+        "only {held_to_the_end} seats still held at READY"
     );
     let rejected = apiserver_metric(
         &admin,

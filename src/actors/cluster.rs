@@ -145,7 +145,9 @@ pub struct ClusterActor {
     /// The core watches whose last word was an error. The cluster is
     /// Connected again only once each of them has delivered an event: events
     /// another watch queued before the outage prove nothing.
-    failed_watches: BTreeSet<&'static str>,
+    /// (Whether each was refused, 403.) A successful /readyz probe clears
+    /// the others: a watch can resume after an outage without any event.
+    failed_watches: BTreeMap<&'static str, bool>,
     version: String,
     /// The API server answers but says it is not ready (its `/readyz`): its
     /// etcd is down, say, which no watch shows, as the API server serves
@@ -196,7 +198,7 @@ impl ClusterActor {
             queue: DispatchQueue::new(0, 0),
             background: Vec::new(),
             last_health: None,
-            failed_watches: BTreeSet::new(),
+            failed_watches: BTreeMap::new(),
             version: String::new(),
             not_ready: false,
             write_refused: false,
@@ -1331,8 +1333,12 @@ impl Handler<Readyz> for ClusterActor {
                     reason: format!("the API server is not ready (/readyz): {failed}"),
                 });
             }
-            None if self.not_ready => {
+            // The API server answers: a watch that failed during an outage
+            // may have resumed with nothing new to say. Forbidden watches
+            // stay failed until they deliver an event themselves.
+            None if self.not_ready || !self.failed_watches.is_empty() => {
                 self.not_ready = false;
+                self.failed_watches.retain(|_, forbidden| *forbidden);
                 self.mark_healthy(None);
             }
             None => {}
@@ -1401,7 +1407,7 @@ impl Handler<WatchFailed> for ClusterActor {
     fn handle(&mut self, msg: WatchFailed, _: &mut Self::Context) {
         let _span = self.span.clone().entered();
         warn!(watch = msg.what, error = %msg.error, "watch failed; retrying with backoff");
-        self.failed_watches.insert(msg.what);
+        self.failed_watches.insert(msg.what, msg.forbidden);
         let detail = format!("watching {}: {}", msg.what, msg.error);
         self.report(if msg.forbidden {
             ClusterHealth::Forbidden { what: detail }

@@ -238,6 +238,21 @@ mod tests {
         )
     }
 
+    /// What the Prefetch actor hands the grid, judged at the current time.
+    fn source_now<'a>(
+        planner: &'a Planner,
+        desired: &'a DesiredSet,
+        tracker: &'a Tracker,
+    ) -> GridSource<'a> {
+        GridSource {
+            planner,
+            desired,
+            tracker,
+            retry_after: RETRY,
+            now: Instant::now(),
+        }
+    }
+
     fn policy() -> BackoffPolicy {
         BackoffPolicy {
             initial: Duration::from_secs(10),
@@ -452,13 +467,7 @@ mod tests {
         let desired = planner.plan(&nodes);
         let mut tracker = Tracker::new(policy());
         tracker.set_desired(&desired);
-        let source = GridSource {
-            planner: &planner,
-            desired: &desired,
-            tracker: &tracker,
-            retry_after: RETRY,
-            now: Instant::now(),
-        };
+        let source = source_now(&planner, &desired, &tracker);
         let rows = node_rows(&source, &nodes, &GridQuery::default());
         let from_grid: Vec<(String, SkipReason)> = rows
             .nodes
@@ -482,13 +491,7 @@ mod tests {
         let desired = planner.plan(&nodes);
         let mut tracker = Tracker::new(policy());
         tracker.set_desired(&desired);
-        let source = GridSource {
-            planner: &planner,
-            desired: &desired,
-            tracker: &tracker,
-            retry_after: RETRY,
-            now: Instant::now(),
-        };
+        let source = source_now(&planner, &desired, &tracker);
         let limited = node_rows(&source, &nodes, &GridQuery::new(None, Some(10)));
         assert_eq!(limited.nodes.len(), 10);
         assert_eq!((limited.matched, limited.omitted), (51, 41));
@@ -522,13 +525,7 @@ mod tests {
         // Nothing planned yet (or refused by a pair limit).
         let desired = DesiredSet::default();
         let tracker = Tracker::new(policy());
-        let source = GridSource {
-            planner: &planner,
-            desired: &desired,
-            tracker: &tracker,
-            retry_after: RETRY,
-            now: Instant::now(),
-        };
+        let source = source_now(&planner, &desired, &tracker);
         let rows = node_rows(&source, &nodes, &GridQuery::default());
         assert_eq!(rows.nodes[0].state, NodeState::NotPlanned);
         assert_eq!(rows.not_planned_nodes, 1);

@@ -14,6 +14,15 @@ function cell(row, text, className) {
   return td;
 }
 
+// The row's own name, as a row header for screen readers.
+function rowHeader(row, text) {
+  const th = document.createElement("th");
+  th.scope = "row";
+  th.textContent = text;
+  row.appendChild(th);
+  return th;
+}
+
 function healthDetail(cluster) {
   return cluster.version || cluster.reason || cluster.what || "";
 }
@@ -23,10 +32,7 @@ function renderClusters(view) {
   body.replaceChildren();
   for (const cluster of view.clusters) {
     const row = body.insertRow();
-    const name = document.createElement("th");
-    name.scope = "row";
-    name.textContent = cluster.name;
-    row.appendChild(name);
+    rowHeader(row, cluster.name);
     cell(row, cluster.state, "state-" + cluster.state);
     cell(row, healthDetail(cluster));
     cell(row, String(cluster.prefetches.length), "number");
@@ -358,10 +364,7 @@ function renderGrid(grid) {
       skipped += 1;
       const row = skippedBody.insertRow();
       row.dataset.node = node.node;
-      const name = document.createElement("th");
-      name.scope = "row";
-      name.textContent = node.node;
-      row.appendChild(name);
+      rowHeader(row, node.node);
       cell(row, node.text);
       const code = cell(row, "");
       const tag = document.createElement("code");
@@ -372,10 +375,7 @@ function renderGrid(grid) {
     targeted += 1;
     const row = body.insertRow();
     row.dataset.node = node.node;
-    const name = document.createElement("th");
-    name.scope = "row";
-    name.textContent = node.node;
-    row.appendChild(name);
+    rowHeader(row, node.node);
     const pairs = new Map((node.pairs || []).map((pair) => [pair.image, pair]));
     for (const image of images) {
       const pair = pairs.get(image);

@@ -23,9 +23,7 @@ use crate::actors::cluster::{
 };
 use crate::actors::status::{PrefetchGone, PrefetchReported, PrefetchSummary};
 use crate::actors::{delete_pull_pod, delete_pull_pod_until_gone};
-use crate::api::{
-    Condition, MAX_PULL_TIMEOUT_SECONDS, Phase, Prefetch, PrefetchStatus, VerifiedRecord,
-};
+use crate::api::{MAX_PULL_TIMEOUT_SECONDS, Phase, Prefetch, PrefetchStatus, VerifiedRecord};
 use crate::error::{api_status_code, describe_kube_error, is_rbac_refusal, is_server_unavailable};
 use crate::pull::grid::{GridQuery, GridSource, NodeGrid, node_rows};
 use crate::pull::index::{NodeChange, WorkloadEntry, targeting_of};
@@ -33,7 +31,9 @@ use crate::pull::limits;
 use crate::pull::outcome::classify;
 use crate::pull::plan::{DesiredSet, ExtraImages, PairKey, Planner, TooManyPairs};
 use crate::pull::podspec::{PullPodParams, build_pull_pod, check_own_pull_pod, pair_of_pod};
-use crate::pull::status_size::{MAX_STATUS_BYTES, bound_status};
+use crate::pull::status::{
+    StatusFacts, WriteDecision, WritePacer, decide_status, settle_verified, status_write_delay,
+};
 use crate::pull::targeting::NodeView;
 use crate::pull::tracker::{BackoffPolicy, Outcome, Tracker};
 use crate::pull::verified;
@@ -101,6 +101,11 @@ pub struct PrefetchActor {
     /// Consecutive failed status writes, for backing off.
     status_failures: u32,
     last_status: Option<PrefetchStatus>,
+    /// When `last_status` was sent, for pacing progress writes.
+    status_written_at: Option<Instant>,
+    status_pacer: WritePacer,
+    /// A write of progress below a step, due at the heartbeat.
+    status_recheck: Option<SpawnHandle>,
     last_phase: Option<Phase>,
     shutting_down: bool,
 }
@@ -163,6 +168,9 @@ impl PrefetchActor {
             status_failures: 0,
             last_phase: last_status.as_ref().and_then(|status| status.phase),
             last_status,
+            status_written_at: None,
+            status_pacer: WritePacer::default(),
+            status_recheck: None,
             shutting_down: false,
             prefetch: Arc::new(prefetch),
         };
@@ -797,130 +805,44 @@ impl PrefetchActor {
 
     fn compute_status(&self) -> PrefetchStatus {
         let spec = &self.prefetch.spec;
-        let mut messages = Vec::new();
-        let mut phase = self.tracker.phase();
+        let mut refusals = Vec::new();
         if let Some(too_many) = &self.too_many_pairs {
-            phase = Phase::Failed;
-            messages.push(too_many.to_string());
+            refusals.push(too_many.to_string());
         }
         if let Some(limit) = self.cluster_pair_limit {
-            phase = Phase::Failed;
-            messages.push(limits::refusal(self.claimed_pairs, limit));
+            refusals.push(limits::refusal(self.claimed_pairs, limit));
         }
-        let problems = spec.spec_problems();
-        if !problems.is_empty() {
-            phase = Phase::Failed;
-            messages.extend(problems);
-        }
-        if !self.workloads.errors.is_empty() {
-            phase = Phase::Failed;
-            messages.extend(self.workloads.errors.iter().cloned());
-        }
-        if !self.desired.invalid_images.is_empty() {
-            phase = Phase::Failed;
-            let invalid: Vec<String> = self
-                .desired
-                .invalid_images
-                .iter()
-                .map(|error| error.to_string())
-                .collect();
-            messages.push(invalid.join("; "));
-        }
-        let counts = self.tracker.counts();
-        let failures = self.tracker.failures();
-        if phase == Phase::Failed
-            && let Some(first) = failures.iter().find(|failure| failure.attempts > 0)
-            && messages.is_empty()
-        {
-            messages.push(format!(
-                "{} of {} pulls failed; latest: {} on {}: {}: {}",
-                counts.failed,
-                counts.total,
-                first.image,
-                first.node,
-                first.reason,
-                first.last_error
-            ));
-        }
-        if spec.is_suspended() {
-            messages.push("suspended: no new pulls are started".into());
-        }
-        if phase == Phase::Ready && counts.total == 0 {
-            messages.push("nothing to prefetch: no targeted node or no image".into());
-        }
-        let message = (!messages.is_empty()).then(|| messages.join("; "));
-        let ready = phase == Phase::Ready;
-        let condition_status = if ready { "True" } else { "False" };
-        let previous = self
-            .last_status
-            .as_ref()
-            .and_then(|status| status.conditions.iter().find(|c| c.type_ == "Ready"));
-        let last_transition_time = match previous {
-            Some(condition) if condition.status == condition_status => {
-                condition.last_transition_time.clone()
-            }
-            _ => Timestamp::now().to_string(),
-        };
-        let status = PrefetchStatus {
-            phase: Some(phase),
-            observed_generation: self.prefetch.metadata.generation,
-            images: self.desired.images.iter().cloned().collect(),
-            nodes: u32::try_from(self.desired.nodes.len()).unwrap_or(u32::MAX),
-            pulls: counts,
-            failures,
-            conditions: vec![Condition {
-                type_: "Ready".into(),
-                status: condition_status.into(),
-                reason: if ready {
-                    "AllImagesPresent".into()
-                } else {
-                    phase_reason(phase).into()
-                },
-                message: message.clone().unwrap_or_else(|| {
-                    if ready {
-                        "every targeted node has every image".into()
-                    } else {
-                        "pulls are in progress".into()
-                    }
-                }),
-                last_transition_time,
-            }],
-            last_sync_time: Some(Timestamp::now().to_string()),
-            message,
-            verified: self.verified_record(),
-        };
-        // The API server refuses a status over its limits: it would then
-        // never be written.
-        bound_status(status, MAX_STATUS_BYTES)
-    }
-
-    /// The record of verified pairs for the status. One whose digests did
-    /// not change and whose time moved by rounding only is kept as it was,
-    /// so it causes no write.
-    fn verified_record(&self) -> Option<VerifiedRecord> {
-        let fresh = verified::record(
+        let fresh_record = verified::record(
             &self.desired,
             &self.tracker,
             Instant::now(),
             Timestamp::now(),
         );
-        let previous = self
-            .last_status
-            .as_ref()
-            .and_then(|status| status.verified.as_ref());
-        match (fresh, previous) {
-            (Some(fresh), Some(previous)) if fresh.digests == previous.digests => {
-                let close = match (
-                    fresh.at.parse::<Timestamp>(),
-                    previous.at.parse::<Timestamp>(),
-                ) {
-                    (Ok(a), Ok(b)) => (a.as_second() - b.as_second()).abs() <= 2,
-                    _ => false,
-                };
-                Some(if close { previous.clone() } else { fresh })
-            }
-            (fresh, _) => fresh,
-        }
+        let previous = self.last_status.as_ref();
+        decide_status(StatusFacts {
+            pulls_phase: self.tracker.phase(),
+            counts: self.tracker.counts(),
+            failures: self.tracker.failures(),
+            refusals,
+            spec_problems: spec.spec_problems(),
+            workload_errors: &self.workloads.errors,
+            invalid_images: self
+                .desired
+                .invalid_images
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            suspended: spec.is_suspended(),
+            observed_generation: self.prefetch.metadata.generation,
+            images: self.desired.images.iter().cloned().collect(),
+            targeted_nodes: self.desired.nodes.len(),
+            verified: settle_verified(
+                fresh_record,
+                previous.and_then(|status| status.verified.as_ref()),
+            ),
+            previous,
+            now: Timestamp::now(),
+        })
     }
 
     fn write_status(&mut self, ctx: &mut Context<Self>) {
@@ -962,12 +884,29 @@ impl PrefetchActor {
             }
             self.last_phase = Some(phase);
         }
-        if self
-            .last_status
-            .as_ref()
-            .is_some_and(|last| same_apart_from_time(last, &status))
+        let since_written = self
+            .status_written_at
+            .map_or(Duration::MAX, |at| at.elapsed());
+        match self
+            .status_pacer
+            .decide(self.last_status.as_ref(), &status, since_written)
         {
-            return;
+            WriteDecision::Skip => return,
+            WriteDecision::Later(wait) => {
+                // Progress below a step: written by the next step or by
+                // this timer, whichever comes first.
+                if self.status_recheck.is_none() {
+                    self.status_recheck = Some(ctx.run_later(wait, |actor, ctx| {
+                        actor.status_recheck = None;
+                        actor.write_status(ctx);
+                    }));
+                }
+                return;
+            }
+            WriteDecision::Now => {}
+        }
+        if let Some(recheck) = self.status_recheck.take() {
+            ctx.cancel_future(recheck);
         }
         if self.status_writing {
             // Written again, with what is current then, once this one lands.
@@ -975,6 +914,7 @@ impl PrefetchActor {
             return;
         }
         self.status_writing = true;
+        self.status_written_at = Some(Instant::now());
         self.last_status = Some(status.clone());
         let api: Api<Prefetch> = Api::namespaced(self.shared.client.clone(), &self.namespace());
         let name = self.name();
@@ -1028,17 +968,6 @@ const MAX_CANDIDATES: usize = 64;
 /// Owner of the status fields for server-side apply.
 const FIELD_MANAGER: &str = "kube-prefetch";
 
-/// When to write the status next: after the debounce, or after failed
-/// writes 2x, 4x, ... the debounce (at least 100 ms), at most a minute, so
-/// an overloaded or refusing API server is not hammered.
-fn status_write_delay(debounce: Duration, failures: u32) -> Duration {
-    if failures == 0 {
-        return debounce;
-    }
-    (debounce.max(Duration::from_millis(100)) * (1u32 << failures.min(10)))
-        .min(Duration::from_secs(60))
-}
-
 /// Time for the kubelet to report a pod it stopped at its deadline.
 const DEADLINE_SLACK: Duration = Duration::from_secs(10);
 
@@ -1051,21 +980,6 @@ fn adopted_deadline(pod: &Pod, allowed: Duration) -> Instant {
     let age = Timestamp::now().duration_since(created.0);
     let age = Duration::try_from(age).unwrap_or_default();
     now + allowed.saturating_sub(age)
-}
-
-fn phase_reason(phase: Phase) -> &'static str {
-    match phase {
-        Phase::Pending => "Pending",
-        Phase::Running => "Pulling",
-        Phase::Ready => "AllImagesPresent",
-        Phase::Failed => "PullsFailed",
-    }
-}
-
-fn same_apart_from_time(a: &PrefetchStatus, b: &PrefetchStatus) -> bool {
-    let mut a = a.clone();
-    a.last_sync_time = b.last_sync_time.clone();
-    a == *b
 }
 
 /// The Prefetch's spec changed: its targeted nodes and selected workloads
@@ -1323,24 +1237,6 @@ mod tests {
         assert!(
             left > Duration::from_secs(19) && left <= Duration::from_secs(20),
             "{left:?}"
-        );
-    }
-
-    #[test]
-    fn failed_status_writes_back_off_up_to_a_minute() {
-        let debounce = Duration::from_millis(500);
-        assert_eq!(status_write_delay(debounce, 0), debounce);
-        assert_eq!(status_write_delay(debounce, 1), Duration::from_secs(1));
-        assert_eq!(status_write_delay(debounce, 2), Duration::from_secs(2));
-        assert_eq!(status_write_delay(debounce, 7), Duration::from_secs(60));
-        assert_eq!(
-            status_write_delay(debounce, u32::MAX),
-            Duration::from_secs(60)
-        );
-        // A zero debounce still backs off.
-        assert_eq!(
-            status_write_delay(Duration::ZERO, 1),
-            Duration::from_millis(200)
         );
     }
 }

@@ -11,6 +11,7 @@ pub mod namespaces;
 pub mod outcome;
 pub mod plan;
 pub mod podspec;
+pub mod status;
 pub mod status_size;
 pub mod targeting;
 pub mod tracker;

@@ -23,7 +23,11 @@ pub const MAX_STATUS_FAILURES: usize = 20;
 /// more; the code that reads a spec clamps to them as well, for objects
 /// stored under an older schema.
 pub const MAX_IMAGES: usize = 256;
-pub const MAX_IMAGE_LENGTH: usize = 4096;
+/// The longest valid reference is about 520 characters (a 255-character
+/// name, a 128-character tag and a sha512 digest). 256 of 1,024 fit in etcd
+/// twice over, as a set-type list is repeated in `managedFields`; 256 of
+/// 4,096 made an object etcd refused.
+pub const MAX_IMAGE_LENGTH: usize = 1024;
 pub const MAX_NAMESPACES: usize = 64;
 pub const MAX_IMAGE_PULL_SECRETS: usize = 64;
 pub const MAX_LABELS: usize = 64;

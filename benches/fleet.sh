@@ -34,7 +34,10 @@
 #   FLEET_IMAGES (5), FLEET_APP_IMAGES (10), FLEET_FILLER_MIB (1),
 #   FLEET_API_QPS (100), FLEET_PARALLEL (100: per Prefetch and per cluster),
 #   FLEET_CHURN_RATES ("10 50"), FLEET_CHURN_SECONDS (30), FLEET_SETTLE (30),
-#   FLEET_TIMEOUT (900 s for READY), FLEET_KEEP (set: keep the logs).
+#   FLEET_TIMEOUT (900 s for READY), FLEET_KEEP (set: keep the logs),
+#   FLEET_BYSTANDERS (0: Prefetches of FLEET_IMAGES app images that target
+#   only the control-plane node, so no worker the churn updates: its cost
+#   per update must not grow with them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -58,6 +61,7 @@ api_qps=${FLEET_API_QPS:-100}
 parallel=${FLEET_PARALLEL:-100}
 churn_rates=${FLEET_CHURN_RATES:-10 50}
 churn_seconds=${FLEET_CHURN_SECONDS:-30}
+bystanders=${FLEET_BYSTANDERS:-0}
 settle=${FLEET_SETTLE:-30}
 timeout=${FLEET_TIMEOUT:-900}
 offset=${KUBE_PREFETCH_SIM_PORT_OFFSET:-0}
@@ -69,6 +73,7 @@ esac
 for knob in clusters workers prefetch_count per_prefetch app_images filler_mib parallel churn_seconds settle timeout; do
   [[ ${!knob} =~ ^[1-9][0-9]*$ ]] || die "$knob must be a positive integer, got '${!knob}'"
 done
+[[ $bystanders =~ ^[0-9]+$ ]] || die "FLEET_BYSTANDERS must be a whole number, got '$bystanders'"
 [ "$per_prefetch" -le "$app_images" ] || die "FLEET_IMAGES must be at most FLEET_APP_IMAGES"
 [ $((app_images + 40)) -le 50 ] || die "FLEET_APP_IMAGES must be at most 10 (with 40 fillers, the kubelet lists 50)"
 
@@ -142,7 +147,7 @@ namespace=fleet-bench
 prefetch_yaml() { # name images...
   local name=$1
   shift
-  printf 'apiVersion: cache.techsquad.rocks/v1\nkind: Prefetch\nmetadata:\n  name: %s\n  namespace: %s\nspec:\n  node_filter: worker\n  retry_after: 86400\n  images:\n' "$name" "$namespace"
+  printf 'apiVersion: cache.techsquad.rocks/v1\nkind: Prefetch\nmetadata:\n  name: %s\n  namespace: %s\nspec:\n  node_filter: %s\n  retry_after: 86400\n  images:\n' "$name" "$namespace" "${node_filter:-worker}"
   printf '  - %s\n' "$@"
 }
 for c in "${cluster_names[@]}"; do
@@ -221,6 +226,13 @@ create_prefetches() {
       prefetch_yaml "fleet-$k" "${imgs[@]}"
       echo ---
     done | kubectl --context "$c" apply -f - >/dev/null
+    [ "$bystanders" -gt 0 ] || continue
+    for ((k = 0; k < bystanders; k++)); do
+      imgs=()
+      for ((j = 0; j < per_prefetch; j++)); do imgs+=("$(app $(((k + j) % app_images)))"); done
+      node_filter=control-plane prefetch_yaml "bystander-$k" "${imgs[@]}"
+      echo ---
+    done | kubectl --context "$c" apply -f - >/dev/null
   done
 }
 
@@ -264,8 +276,8 @@ step_churn() {
   sleep "$churn_seconds"
   after=$(cpu_ticks "$kp_pid")
   idle=$((after - before))
-  printf '\n## churn: %s cluster(s) x %s workers, %s Prefetches; quiet: %s s CPU in %s s\n\n' \
-    "$clusters" "$workers" "$prefetch_count" "$(seconds "$idle")" "$churn_seconds"
+  printf '\n## churn: %s cluster(s) x %s workers, %s Prefetches (+ %s targeting no worker); quiet: %s s CPU in %s s\n\n' \
+    "$clusters" "$workers" "$prefetch_count" "$bystanders" "$(seconds "$idle")" "$churn_seconds"
   printf '| updates per second | updates done | kube-prefetch CPU | above quiet | per update |\n| ---: | ---: | ---: | ---: | ---: |\n'
   for rate in $churn_rates; do
     before=$(cpu_ticks "$kp_pid")

@@ -12,42 +12,8 @@ use serde::Serialize;
 
 use crate::api::VerifiedRecord;
 use crate::pull::plan::{DesiredSet, PairKey, Planner, PullTarget};
-use crate::pull::targeting::NodeView;
+use crate::pull::targeting::{NodeView, SkipReason};
 use crate::pull::verified;
-
-/// Why a node gets no pull of a Prefetch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SkipReason {
-    /// The name does not contain `node_filter`.
-    NodeFilter,
-    /// The labels do not match `node_selector`.
-    NodeSelector,
-    NotReady,
-    /// `spec.unschedulable` (cordoned).
-    Cordoned,
-    /// No selected workload's `nodeSelector` admits the node.
-    WorkloadNodeSelector,
-    /// No selected workload's required node affinity admits it.
-    WorkloadAffinity,
-    /// A NoSchedule/NoExecute taint that neither the workloads nor the
-    /// Prefetch's `tolerations` tolerate.
-    TaintNotTolerated,
-}
-
-impl SkipReason {
-    pub fn describe(self) -> &'static str {
-        match self {
-            SkipReason::NodeFilter => "name does not contain node_filter",
-            SkipReason::NodeSelector => "labels do not match node_selector",
-            SkipReason::NotReady => "node is NotReady",
-            SkipReason::Cordoned => "node is cordoned",
-            SkipReason::WorkloadNodeSelector => "no workload's nodeSelector admits it",
-            SkipReason::WorkloadAffinity => "no workload's required node affinity admits it",
-            SkipReason::TaintNotTolerated => "a taint is not tolerated",
-        }
-    }
-}
 
 /// Why a planned pair needs no pull.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]

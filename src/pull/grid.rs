@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::api::Phase;
-use crate::pull::explain::SkipReason;
 use crate::pull::plan::{DesiredSet, Planner};
 use crate::pull::targeting::NodeView;
+use crate::pull::targeting::SkipReason;
 use crate::pull::tracker::{PairView, Tracker};
 
 /// Nodes listed when the request names no `limit`.

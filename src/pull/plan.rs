@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::Toleration;
 
-use crate::pull::explain::SkipReason;
 use crate::pull::image::{ImageRefError, normalize};
+use crate::pull::targeting::SkipReason;
 use crate::pull::targeting::{NodeTargeting, NodeView, SchedulingConstraints};
 use crate::pull::workload::WorkloadImages;
 

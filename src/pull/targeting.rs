@@ -7,12 +7,47 @@
 
 use std::collections::BTreeMap;
 
-use crate::api::PrefetchSpec;
-use crate::pull::explain::SkipReason;
-use crate::pull::image::NodeImages;
 use k8s_openapi::api::core::v1::{
     Node, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PodSpec, Taint, Toleration,
 };
+use serde::Serialize;
+
+use crate::api::PrefetchSpec;
+use crate::pull::image::NodeImages;
+
+/// Why a node gets no pull of a Prefetch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipReason {
+    /// The name does not contain `node_filter`.
+    NodeFilter,
+    /// The labels do not match `node_selector`.
+    NodeSelector,
+    NotReady,
+    /// `spec.unschedulable` (cordoned).
+    Cordoned,
+    /// No selected workload's `nodeSelector` admits the node.
+    WorkloadNodeSelector,
+    /// No selected workload's required node affinity admits it.
+    WorkloadAffinity,
+    /// A NoSchedule/NoExecute taint that neither the workloads nor the
+    /// Prefetch's `tolerations` tolerate.
+    TaintNotTolerated,
+}
+
+impl SkipReason {
+    pub fn describe(self) -> &'static str {
+        match self {
+            SkipReason::NodeFilter => "name does not contain node_filter",
+            SkipReason::NodeSelector => "labels do not match node_selector",
+            SkipReason::NotReady => "node is NotReady",
+            SkipReason::Cordoned => "node is cordoned",
+            SkipReason::WorkloadNodeSelector => "no workload's nodeSelector admits it",
+            SkipReason::WorkloadAffinity => "no workload's required node affinity admits it",
+            SkipReason::TaintNotTolerated => "a taint is not tolerated",
+        }
+    }
+}
 
 /// The parts of a Node that planning needs, so tests and watches can use a
 /// small, owned value instead of the full object.

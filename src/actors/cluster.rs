@@ -27,6 +27,10 @@ use tower::retry::RetryLayer;
 use tower::util::MapResponseLayer;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::actors::cluster_link::{
+    AdoptSlot, ClusterContext, ClusterLink, PairsPlanned, ReleaseSlot, RequestSlots, WriteAllowed,
+    WriteRefused,
+};
 use crate::actors::delete_pull_pod_until_gone;
 use crate::actors::prefetch::{
     ClusterPairLimit, GetNodeGrid, NodeChanged, PodChanged, PodDeleted, PrefetchActor, Shutdown,
@@ -46,22 +50,9 @@ use crate::pull::index::{
 };
 use crate::pull::limits::{self, Claim};
 use crate::pull::namespaces::{NamespacePolicy, PREFETCH_FROM_ANNOTATION};
-use crate::pull::plan::PairKey;
 use crate::pull::podspec::{PREFETCH_UID_LABEL, managed_selector};
 use crate::pull::targeting::{NodeTargeting, NodeView};
 use crate::pull::workload::{PodTemplated, WorkloadImages};
-
-/// What every PrefetchActor of one cluster shares.
-pub struct ClusterContext {
-    pub cluster: String,
-    pub client: Client,
-    pub config: Arc<Config>,
-    pub status: Addr<StatusActor>,
-    pub metrics: Metrics,
-    pub recorder: Recorder,
-    /// Owns the dispatch queue (the pull pod slots) and the shared watches.
-    pub cluster_actor: Addr<ClusterActor>,
-}
 
 /// What a PrefetchActor was last given; its events are routed by these.
 struct Delivered {
@@ -267,7 +258,7 @@ impl ClusterActor {
             status: self.status.clone(),
             metrics: self.metrics.clone(),
             recorder: Recorder::new(client.clone(), reporter),
-            cluster_actor: ctx.address(),
+            to_cluster: ClusterLink::new(&ctx.address()),
         });
         self.shared = Some(shared);
         self.queue = DispatchQueue::new(
@@ -1042,35 +1033,6 @@ pub struct WatchFailed {
     pub forbidden: bool,
 }
 
-/// A Prefetch's standing request for pull slots (replaces its previous one).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct RequestSlots {
-    pub uid: String,
-    /// Pairs it could start now, best first.
-    pub candidates: Vec<PairKey>,
-    /// Its own cap on pods in flight.
-    pub cap: usize,
-}
-
-/// A Prefetch is done with a slot (its pod was judged, vanished or never
-/// created).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct ReleaseSlot {
-    pub uid: String,
-    pub node: String,
-}
-
-/// How many (node, image) pairs a Prefetch would plan (for the cluster's
-/// pair limit).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct PairsPlanned {
-    pub uid: String,
-    pub pairs: usize,
-}
-
 impl Handler<PairsPlanned> for ClusterActor {
     type Result = ();
     fn handle(&mut self, msg: PairsPlanned, _: &mut Self::Context) {
@@ -1097,14 +1059,6 @@ impl Handler<PairsPlanned> for ClusterActor {
             ));
         }
     }
-}
-
-/// A Prefetch took over a pod found after a restart: it holds a slot.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct AdoptSlot {
-    pub uid: String,
-    pub node: String,
 }
 
 impl Handler<PrefetchEvent> for ClusterActor {
@@ -1345,18 +1299,6 @@ impl Handler<Readyz> for ClusterActor {
         }
     }
 }
-
-/// RBAC refused a pull pod create; `what` is the API server's message.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct WriteRefused {
-    pub what: String,
-}
-
-/// A pull pod create went through.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct WriteAllowed;
 
 impl Handler<WriteRefused> for ClusterActor {
     type Result = ();

@@ -5,6 +5,7 @@
 //! (one per Prefetch); everyone reports to the StatusActor.
 
 pub mod cluster;
+pub mod cluster_link;
 #[cfg(feature = "test-hooks")]
 pub mod fault_hook;
 pub mod prefetch;

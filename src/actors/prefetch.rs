@@ -18,7 +18,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::actors::cluster::{
+use crate::actors::cluster_link::{
     AdoptSlot, ClusterContext, PairsPlanned, ReleaseSlot, RequestSlots, WriteAllowed, WriteRefused,
 };
 use crate::actors::status::{PrefetchGone, PrefetchReported, PrefetchSummary};
@@ -308,7 +308,7 @@ impl PrefetchActor {
         }
         if self.reported_pairs != Some(self.claimed_pairs) {
             self.reported_pairs = Some(self.claimed_pairs);
-            self.shared.cluster_actor.do_send(PairsPlanned {
+            self.shared.to_cluster.pairs_planned.do_send(PairsPlanned {
                 uid: self.uid.clone(),
                 pairs: self.claimed_pairs,
             });
@@ -400,7 +400,7 @@ impl PrefetchActor {
         // Nothing asked and nothing to ask: spare the message.
         if !candidates.is_empty() || self.requested {
             self.requested = !candidates.is_empty();
-            self.shared.cluster_actor.do_send(RequestSlots {
+            self.shared.to_cluster.request_slots.do_send(RequestSlots {
                 uid: self.uid.clone(),
                 candidates,
                 cap: self.max_in_flight(),
@@ -462,7 +462,7 @@ impl PrefetchActor {
                 match result {
                     Ok(created) => {
                         actor.shared.metrics.pull_created(&actor.shared.cluster);
-                        actor.shared.cluster_actor.do_send(WriteAllowed);
+                        actor.shared.to_cluster.write_allowed.do_send(WriteAllowed);
                         if let Some(uid) = created.uid() {
                             actor.tracker.bind_uid(&key, &pod_name, &uid);
                         }
@@ -483,7 +483,7 @@ impl PrefetchActor {
                         let message = describe_kube_error(&error);
                         warn!(node = %key.node, image = %key.image, error = %message, ?delay, "cluster refused or could not create the pull pod; not counted as an attempt, retrying");
                         if is_rbac_refusal(&error) {
-                            actor.shared.cluster_actor.do_send(WriteRefused { what: message });
+                            actor.shared.to_cluster.write_refused.do_send(WriteRefused { what: message });
                         }
                         actor.release_slot(&key.node);
                         actor.tracker.on_create_conflict(&key, Instant::now(), delay);
@@ -579,7 +579,7 @@ impl PrefetchActor {
     }
 
     fn release_slot(&self, node: &str) {
-        self.shared.cluster_actor.do_send(ReleaseSlot {
+        self.shared.to_cluster.release_slot.do_send(ReleaseSlot {
             uid: self.uid.clone(),
             node: node.to_string(),
         });
@@ -720,7 +720,7 @@ impl PrefetchActor {
                 return;
             }
             // Found after a restart: take it over instead of creating another.
-            self.shared.cluster_actor.do_send(AdoptSlot {
+            self.shared.to_cluster.adopt_slot.do_send(AdoptSlot {
                 uid: self.uid.clone(),
                 node: key.node.clone(),
             });

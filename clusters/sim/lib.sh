@@ -132,6 +132,18 @@ start_daemon() { # index component binary args...
     </dev/null >>"$dir/$name.log" 2>&1 9>&- &
 }
 
+api_url() { echo "https://127.0.0.1:$(apiserver_port "$1")"; }
+token_of() { awk -F, -v u="$2" '$2 == u {print $1}' "$(cluster_dir "$1")/tokens.csv"; }
+
+apiserver_ready() { # index
+  local dir
+  dir=$(cluster_dir "$1")
+  [ -f "$dir/tokens.csv" ] || return 1
+  curl -fsS --max-time 3 --cacert "$dir/pki/ca.crt" \
+    -H "Authorization: Bearer $(token_of "$1" admin)" \
+    "$(api_url "$1")/readyz" >/dev/null 2>&1
+}
+
 # Indices of the clusters that have a directory under the run dir.
 existing_clusters() {
   local d

@@ -851,7 +851,7 @@ async fn a_huge_status_is_bounded_and_says_so() -> Result<()> {
         status.message.as_deref(),
         Some(
             format!(
-                "nothing to prefetch: no targeted node or no image; status.images lists {shown} of 256 images: a status is kept under 65536 bytes"
+                "nothing to prefetch: no node is targeted; `kube-prefetch plan` or the dashboard's drill-down says why each node is skipped; status.images lists {shown} of 256 images: a status is kept under 65536 bytes"
             )
             .as_str()
         )

@@ -72,7 +72,7 @@ pub fn decide_status(facts: StatusFacts<'_>) -> PrefetchStatus {
         messages.push("suspended: no new pulls are started".into());
     }
     if phase == Phase::Ready && counts.total == 0 {
-        messages.push("nothing to prefetch: no targeted node or no image".into());
+        messages.push(nothing_to_prefetch(facts.images.is_empty(), facts.targeted_nodes).into());
     }
     let message = (!messages.is_empty()).then(|| messages.join("; "));
     let ready = phase == Phase::Ready;
@@ -115,6 +115,17 @@ pub fn decide_status(facts: StatusFacts<'_>) -> PrefetchStatus {
     // The API server refuses a status over its limits: it would then never
     // be written.
     bound_status(status, MAX_STATUS_BYTES)
+}
+
+/// Why a Prefetch has no pair, naming what to look at.
+fn nothing_to_prefetch(no_image: bool, targeted_nodes: usize) -> &'static str {
+    if no_image {
+        "nothing to prefetch: no image: the selected workloads have none and spec.images is empty"
+    } else if targeted_nodes == 0 {
+        "nothing to prefetch: no node is targeted; `kube-prefetch plan` or the dashboard's drill-down says why each node is skipped"
+    } else {
+        "nothing to prefetch: no targeted node can run a workload with an image"
+    }
 }
 
 fn condition_reason(phase: Phase) -> &'static str {
@@ -378,11 +389,27 @@ mod tests {
     }
 
     #[test]
-    fn nothing_to_prefetch_is_said_when_ready_with_no_pair() {
-        let status = decide_status(facts(Phase::Ready, counts(0, 0, 0, 0)));
+    fn nothing_to_prefetch_says_whether_images_or_nodes_are_missing() {
+        let mut no_node = facts(Phase::Ready, counts(0, 0, 0, 0));
+        no_node.targeted_nodes = 0;
         assert_eq!(
-            status.message.as_deref(),
-            Some("nothing to prefetch: no targeted node or no image")
+            decide_status(no_node).message.as_deref(),
+            Some(
+                "nothing to prefetch: no node is targeted; `kube-prefetch plan` or the dashboard's drill-down says why each node is skipped"
+            )
+        );
+        let mut no_image = facts(Phase::Ready, counts(0, 0, 0, 0));
+        no_image.images.clear();
+        assert_eq!(
+            decide_status(no_image).message.as_deref(),
+            Some(
+                "nothing to prefetch: no image: the selected workloads have none and spec.images is empty"
+            )
+        );
+        let unschedulable = facts(Phase::Ready, counts(0, 0, 0, 0));
+        assert_eq!(
+            decide_status(unschedulable).message.as_deref(),
+            Some("nothing to prefetch: no targeted node can run a workload with an image")
         );
     }
 

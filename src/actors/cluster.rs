@@ -29,8 +29,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::actors::delete_pull_pod_until_gone;
 use crate::actors::prefetch::{
-    ClusterPairLimit, GetNodeGrid, NodeChanged, PodChanged, PodDeleted, PrefetchActor, Shutdown,
-    SlotsGranted, SpecChanged, Workloads, WorkloadsChanged,
+    ClusterPairLimit, GetNodeGrid, NodeChanged, PodChanged, PodDeleted, Preempt, PrefetchActor,
+    Shutdown, SlotsGranted, SpecChanged, Workloads, WorkloadsChanged,
 };
 use crate::actors::status::{ClusterHealth, ClusterHealthChanged, StatusActor};
 use crate::api::{Prefetch, PrefetchSpec, WorkloadKind};
@@ -1418,7 +1418,8 @@ impl Handler<WatchFailed> for ClusterActor {
 }
 
 impl ClusterActor {
-    /// Hands free slots to the Prefetches waiting for them.
+    /// Hands free slots to the Prefetches waiting for them, and asks for
+    /// the slots the queue takes back for them (see `pull::dispatch`).
     fn grant_slots(&mut self) {
         for (uid, keys) in self.queue.grant() {
             match self
@@ -1428,6 +1429,23 @@ impl ClusterActor {
             {
                 Some(addr) => addr.do_send(SlotsGranted(keys)),
                 None => self.queue.remove_owner(&uid),
+            }
+        }
+        for preemption in self.queue.preempt() {
+            let waiting = self
+                .prefetches
+                .get(&preemption.for_owner)
+                .map_or_else(|| preemption.for_owner.clone(), PrefetchEntry::label);
+            match self
+                .prefetches
+                .get(&preemption.holder)
+                .and_then(|entry| entry.addr.as_ref())
+            {
+                Some(addr) => addr.do_send(Preempt {
+                    node: preemption.node,
+                    waiting,
+                }),
+                None => self.queue.remove_owner(&preemption.holder),
             }
         }
     }

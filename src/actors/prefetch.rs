@@ -570,6 +570,54 @@ impl PrefetchActor {
         }
     }
 
+    /// Stops the youngest pull on the node (the queue gives its slot to
+    /// the waiting Prefetch); its pair is due again, with no failure
+    /// counted: nothing was learnt about the image.
+    fn preempt(&mut self, msg: Preempt, ctx: &mut Context<Self>) {
+        if self.shutting_down {
+            return;
+        }
+        // The youngest has the latest deadline. None: judged meanwhile, and
+        // its release is on its way to the queue.
+        let in_flight: BTreeMap<PairKey, String> = self.tracker.in_flight().into_iter().collect();
+        let Some((key, pod_name)) = self
+            .deadlines
+            .iter()
+            .filter(|(key, _)| key.node == msg.node)
+            .filter_map(|(key, at)| Some((at, key, in_flight.get(key)?)))
+            .max()
+            .map(|(_, key, pod)| (key.clone(), pod.clone()))
+        else {
+            return;
+        };
+        let Some(uid) = self.tracker.in_flight_uid(&key).map(str::to_string) else {
+            // The create was not answered yet: a delete now could come
+            // before the pod exists and leave it behind.
+            ctx.run_later(Duration::from_millis(200), move |actor, ctx| {
+                let _span = actor.span.clone().entered();
+                actor.preempt(msg, ctx);
+            });
+            return;
+        };
+        info!(pod = %pod_name, node = %key.node, image = %key.image, waiting = %msg.waiting,
+            "pull preempted: another namespace waits for this node's slot; pulled again later, no failure counted");
+        self.publish_event(
+            EventType::Normal,
+            "Preempted",
+            format!(
+                "pull of {} on node {} stopped so that Prefetch {} of another namespace, waiting for that node's slot, goes first; it is pulled again later (not a failure)",
+                key.image, key.node, msg.waiting
+            ),
+        );
+        self.judged.insert(uid);
+        self.deadlines.remove(&key);
+        self.release_slot(&key.node);
+        self.delete_pod(&pod_name, &self.pod_namespace_of(&key), ctx);
+        self.tracker.on_pod_vanished(&key, Instant::now());
+        self.queue_dispatch(ctx);
+        self.queue_status(ctx);
+    }
+
     fn release_slot(&self, node: &str) {
         self.shared.cluster_actor.do_send(ReleaseSlot {
             uid: self.uid.clone(),
@@ -1102,6 +1150,16 @@ pub struct PodDeleted(pub Pod);
 #[rtype(result = "()")]
 pub struct SlotsGranted(pub Vec<PairKey>);
 
+/// The dispatch queue takes back this Prefetch's slot on `node` for
+/// `waiting`, another namespace's Prefetch (see `pull::dispatch`).
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct Preempt {
+    pub node: String,
+    /// `namespace/name` of the Prefetch waiting for the slot.
+    pub waiting: String,
+}
+
 /// The Prefetch was deleted: stop and remove in-flight pods.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -1249,6 +1307,14 @@ impl Handler<SlotsGranted> for PrefetchActor {
     fn handle(&mut self, SlotsGranted(keys): SlotsGranted, ctx: &mut Self::Context) {
         let _span = self.span.clone().entered();
         self.start_pulls(keys, ctx);
+    }
+}
+
+impl Handler<Preempt> for PrefetchActor {
+    type Result = ();
+    fn handle(&mut self, msg: Preempt, ctx: &mut Self::Context) {
+        let _span = self.span.clone().entered();
+        self.preempt(msg, ctx);
     }
 }
 

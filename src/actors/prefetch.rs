@@ -27,6 +27,7 @@ use crate::api::{
     Condition, MAX_PULL_TIMEOUT_SECONDS, Phase, Prefetch, PrefetchStatus, VerifiedRecord,
 };
 use crate::error::{api_status_code, describe_kube_error, is_rbac_refusal, is_server_unavailable};
+use crate::pull::dispatch::offer;
 use crate::pull::grid::{GridQuery, GridSource, NodeGrid, node_rows};
 use crate::pull::index::{NodeChange, WorkloadEntry, targeting_of};
 use crate::pull::limits;
@@ -383,11 +384,19 @@ impl PrefetchActor {
             if self.shutting_down || self.prefetch.spec.is_suspended() || !self.pair_verdict {
                 Vec::new()
             } else {
-                let mut due = self.tracker.due(Instant::now(), self.retry_after());
+                let due = self.tracker.due(Instant::now(), self.retry_after());
+                let mut own: BTreeMap<String, usize> = BTreeMap::new();
+                for (key, _) in self.tracker.in_flight() {
+                    *own.entry(key.node).or_default() += 1;
+                }
                 // The queue needs a choice of nodes, not every due pair: due()
                 // spreads them over nodes, so the first ones span many.
-                due.truncate(MAX_CANDIDATES.max(self.max_in_flight().saturating_mul(4)));
-                due
+                let defaults = &self.shared.config.defaults;
+                let limit = MAX_CANDIDATES.max(
+                    self.max_in_flight()
+                        .saturating_add(defaults.max_parallel_per_cluster),
+                );
+                offer(due, &own, defaults.max_parallel_per_node, limit)
             };
         // Nothing asked and nothing to ask: spare the message.
         if !candidates.is_empty() || self.requested {
@@ -1070,7 +1079,7 @@ impl PrefetchActor {
 }
 
 /// Pairs offered to the dispatch queue at once (at least; more when the
-/// Prefetch may run more pulls in parallel).
+/// Prefetch's cap plus the cluster's slots is more, see `dispatch::offer`).
 const MAX_CANDIDATES: usize = 64;
 
 /// Owner of the status fields for server-side apply.

@@ -480,6 +480,25 @@ impl DispatchQueue {
     }
 }
 
+/// What a Prefetch offers the queue out of its due pairs (in `due`'s
+/// order, which spreads them over nodes): none on a node its own pulls
+/// fill already (`own_in_flight` by node, `per_node` slots each), which
+/// the queue could not grant, and at most `limit`. With `limit` at least
+/// its cap plus the cluster's slots, the slots other Prefetches hold cannot
+/// fill the offer either: whenever one of its due pairs is on a free node,
+/// enough such pairs are offered to fill its cap.
+pub fn offer(
+    due: Vec<PairKey>,
+    own_in_flight: &BTreeMap<String, usize>,
+    per_node: usize,
+    limit: usize,
+) -> Vec<PairKey> {
+    due.into_iter()
+        .filter(|key| own_in_flight.get(&key.node).copied().unwrap_or(0) < per_node)
+        .take(limit)
+        .collect()
+}
+
 fn rank<'a>(account: Account, pairs: usize, name: &'a str) -> Rank<'a> {
     (account.served, pairs, account.last_served, name)
 }
@@ -847,6 +866,50 @@ mod tests {
         assert_eq!(queue.grant()["a"].len(), 2);
         queue.request("b", "ns", spread("y", 2), 10);
         assert!(queue.preempt().is_empty());
+    }
+
+    /// Benchmark 4's case: the offer leaves out pairs whose node the
+    /// Prefetch's own pull (of the sibling image) fills.
+    #[test]
+    fn the_offer_leaves_out_nodes_its_own_pulls_fill() {
+        let mut due = spread("second", 3);
+        due.extend(spread("third", 3));
+        let own = BTreeMap::from([("n1".to_string(), 1), ("n3".to_string(), 1)]);
+        assert_eq!(
+            offer(due.clone(), &own, 1, 10),
+            keys(&[("n2", "second"), ("n2", "third")])
+        );
+        assert_eq!(
+            offer(due.clone(), &own, 2, 2),
+            keys(&[("n1", "second"), ("n2", "second")])
+        );
+        assert!(offer(due, &own, 1, 0).is_empty());
+    }
+
+    /// Others hold the first nodes of its list: an offer of its cap plus the
+    /// cluster's slots still reaches free nodes, where one cut to a fixed
+    /// size left the Prefetch idle beside free nodes.
+    #[test]
+    fn an_offer_of_cap_plus_cluster_slots_reaches_free_nodes() {
+        let (per_cluster, cap) = (100, 10);
+        let mut queue = DispatchQueue::new(1, per_cluster);
+        let nodes = |from: usize, to: usize| -> Vec<PairKey> {
+            (from..to).map(|n| key(&format!("n{n:03}"), "x")).collect()
+        };
+        queue.request("other", "ns-other", nodes(0, 64), 64);
+        assert_eq!(queue.grant()["other"].len(), 64);
+        let due: Vec<PairKey> = (0..500).map(|n| key(&format!("n{n:03}"), "y")).collect();
+        let none = BTreeMap::new();
+        queue.request("a", "ns-a", offer(due.clone(), &none, 1, 64), cap);
+        assert!(queue.grant().is_empty());
+        queue.request("a", "ns-a", offer(due, &none, 1, cap + per_cluster), cap);
+        assert_eq!(
+            queue.grant()["a"],
+            nodes(64, 74)
+                .into_iter()
+                .map(|k| key(&k.node, "y"))
+                .collect::<Vec<_>>()
+        );
     }
 
     #[test]

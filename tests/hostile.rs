@@ -969,7 +969,9 @@ async fn ordinary_ready_in(ns: &support::TestNamespace, name: &str, tag: &str) -
 /// cluster do not hold up another team's ordinary Prefetch in that cluster
 /// or one in another cluster (each READY within twice its time alone), the
 /// process stays under its Deployment's memory limit, and every hostile
-/// Prefetch shows a clear status.
+/// Prefetch shows a clear status. With one slot per node, every node holds a
+/// hostile pull when the ordinary Prefetch comes: those are preempted for
+/// it (see `pull::dispatch`), so it does not wait a pull on each node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_tenants_do_not_hold_up_the_others() -> Result<()> {
     use kube::ResourceExt;

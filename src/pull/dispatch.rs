@@ -272,6 +272,17 @@ impl DispatchQueue {
         waiting
             .sort_by_key(|(name, entry)| (self.tenant_served(&entry.tenant), entry.account, *name));
         for (name, entry) in waiting {
+            // Cheap way out for the usual case: no other tenant holding
+            // slots was granted more, so none of its candidates can preempt.
+            let most_served_holder = self
+                .tenants
+                .iter()
+                .filter(|(tenant, state)| **tenant != entry.tenant && state.in_flight > 0)
+                .map(|(_, state)| state.account.served)
+                .max();
+            if most_served_holder.is_none_or(|most| most <= self.tenant_served(&entry.tenant)) {
+                continue;
+            }
             let mut room = entry.cap - entry.in_flight;
             room = room.saturating_sub(self.pending(|p| p.for_owner == **name));
             for key in &entry.candidates {

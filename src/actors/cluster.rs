@@ -33,8 +33,8 @@ use crate::actors::cluster_link::{
 };
 use crate::actors::delete_pull_pod_until_gone;
 use crate::actors::prefetch::{
-    ClusterPairLimit, GetNodeGrid, NodeChanged, PodChanged, PodDeleted, PrefetchActor, Shutdown,
-    SlotsGranted, SpecChanged, Workloads, WorkloadsChanged,
+    ClusterPairLimit, GetNodeGrid, NodeChanged, PodChanged, PodDeleted, Preempt, PrefetchActor,
+    Shutdown, SlotsGranted, SpecChanged, Workloads, WorkloadsChanged,
 };
 use crate::actors::status::{ClusterHealth, ClusterHealthChanged, StatusActor};
 use crate::api::{Prefetch, PrefetchSpec, WorkloadKind};
@@ -1360,7 +1360,8 @@ impl Handler<WatchFailed> for ClusterActor {
 }
 
 impl ClusterActor {
-    /// Hands free slots to the Prefetches waiting for them.
+    /// Hands free slots to the Prefetches waiting for them, and asks for
+    /// the slots the queue takes back for them (see `pull::dispatch`).
     fn grant_slots(&mut self) {
         for (uid, keys) in self.queue.grant() {
             match self
@@ -1370,6 +1371,23 @@ impl ClusterActor {
             {
                 Some(addr) => addr.do_send(SlotsGranted(keys)),
                 None => self.queue.remove_owner(&uid),
+            }
+        }
+        for preemption in self.queue.preempt() {
+            let waiting = self
+                .prefetches
+                .get(&preemption.for_owner)
+                .map_or_else(|| preemption.for_owner.clone(), PrefetchEntry::label);
+            match self
+                .prefetches
+                .get(&preemption.holder)
+                .and_then(|entry| entry.addr.as_ref())
+            {
+                Some(addr) => addr.do_send(Preempt {
+                    node: preemption.node,
+                    waiting,
+                }),
+                None => self.queue.remove_owner(&preemption.holder),
             }
         }
     }

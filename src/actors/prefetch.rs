@@ -25,6 +25,7 @@ use crate::actors::status::{PrefetchGone, PrefetchReported, PrefetchSummary};
 use crate::actors::{delete_pull_pod, delete_pull_pod_until_gone};
 use crate::api::{MAX_PULL_TIMEOUT_SECONDS, Phase, Prefetch, PrefetchStatus, VerifiedRecord};
 use crate::error::{api_status_code, describe_kube_error, is_rbac_refusal, is_server_unavailable};
+use crate::pull::dispatch::offer;
 use crate::pull::grid::{GridQuery, GridSource, NodeGrid, node_rows};
 use crate::pull::index::{NodeChange, WorkloadEntry, targeting_of};
 use crate::pull::limits;
@@ -391,11 +392,19 @@ impl PrefetchActor {
             if self.shutting_down || self.prefetch.spec.is_suspended() || !self.pair_verdict {
                 Vec::new()
             } else {
-                let mut due = self.tracker.due(Instant::now(), self.retry_after());
+                let due = self.tracker.due(Instant::now(), self.retry_after());
+                let mut own: BTreeMap<String, usize> = BTreeMap::new();
+                for (key, _) in self.tracker.in_flight() {
+                    *own.entry(key.node).or_default() += 1;
+                }
                 // The queue needs a choice of nodes, not every due pair: due()
                 // spreads them over nodes, so the first ones span many.
-                due.truncate(MAX_CANDIDATES.max(self.max_in_flight().saturating_mul(4)));
-                due
+                let defaults = &self.shared.config.defaults;
+                let limit = MAX_CANDIDATES.max(
+                    self.max_in_flight()
+                        .saturating_add(defaults.max_parallel_per_cluster),
+                );
+                offer(due, &own, defaults.max_parallel_per_node, limit)
             };
         // Nothing asked and nothing to ask: spare the message.
         if !candidates.is_empty() || self.requested {
@@ -576,6 +585,54 @@ impl PrefetchActor {
                 ctx,
             );
         }
+    }
+
+    /// Stops the youngest pull on the node (the queue gives its slot to
+    /// the waiting Prefetch); its pair is due again, with no failure
+    /// counted: nothing was learnt about the image.
+    fn preempt(&mut self, msg: Preempt, ctx: &mut Context<Self>) {
+        if self.shutting_down {
+            return;
+        }
+        // The youngest has the latest deadline. None: judged meanwhile, and
+        // its release is on its way to the queue.
+        let in_flight: BTreeMap<PairKey, String> = self.tracker.in_flight().into_iter().collect();
+        let Some((key, pod_name)) = self
+            .deadlines
+            .iter()
+            .filter(|(key, _)| key.node == msg.node)
+            .filter_map(|(key, at)| Some((at, key, in_flight.get(key)?)))
+            .max()
+            .map(|(_, key, pod)| (key.clone(), pod.clone()))
+        else {
+            return;
+        };
+        let Some(uid) = self.tracker.in_flight_uid(&key).map(str::to_string) else {
+            // The create was not answered yet: a delete now could come
+            // before the pod exists and leave it behind.
+            ctx.run_later(Duration::from_millis(200), move |actor, ctx| {
+                let _span = actor.span.clone().entered();
+                actor.preempt(msg, ctx);
+            });
+            return;
+        };
+        info!(pod = %pod_name, node = %key.node, image = %key.image, waiting = %msg.waiting,
+            "pull preempted: another namespace waits for this node's slot; pulled again later, no failure counted");
+        self.publish_event(
+            EventType::Normal,
+            "Preempted",
+            format!(
+                "pull of {} on node {} stopped so that Prefetch {} of another namespace, waiting for that node's slot, goes first; it is pulled again later (not a failure)",
+                key.image, key.node, msg.waiting
+            ),
+        );
+        self.judged.insert(uid);
+        self.deadlines.remove(&key);
+        self.release_slot(&key.node);
+        self.delete_pod(&pod_name, &self.pod_namespace_of(&key), ctx);
+        self.tracker.on_pod_vanished(&key, Instant::now());
+        self.queue_dispatch(ctx);
+        self.queue_status(ctx);
     }
 
     fn release_slot(&self, node: &str) {
@@ -962,7 +1019,7 @@ impl PrefetchActor {
 }
 
 /// Pairs offered to the dispatch queue at once (at least; more when the
-/// Prefetch may run more pulls in parallel).
+/// Prefetch's cap plus the cluster's slots is more, see `dispatch::offer`).
 const MAX_CANDIDATES: usize = 64;
 
 /// Owner of the status fields for server-side apply.
@@ -1015,6 +1072,16 @@ pub struct PodDeleted(pub Pod);
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct SlotsGranted(pub Vec<PairKey>);
+
+/// The dispatch queue takes back this Prefetch's slot on `node` for
+/// `waiting`, another namespace's Prefetch (see `pull::dispatch`).
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct Preempt {
+    pub node: String,
+    /// `namespace/name` of the Prefetch waiting for the slot.
+    pub waiting: String,
+}
 
 /// The Prefetch was deleted: stop and remove in-flight pods.
 #[derive(Message)]
@@ -1163,6 +1230,14 @@ impl Handler<SlotsGranted> for PrefetchActor {
     fn handle(&mut self, SlotsGranted(keys): SlotsGranted, ctx: &mut Self::Context) {
         let _span = self.span.clone().entered();
         self.start_pulls(keys, ctx);
+    }
+}
+
+impl Handler<Preempt> for PrefetchActor {
+    type Result = ();
+    fn handle(&mut self, msg: Preempt, ctx: &mut Self::Context) {
+        let _span = self.span.clone().entered();
+        self.preempt(msg, ctx);
     }
 }
 

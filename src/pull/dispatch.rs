@@ -24,6 +24,17 @@
 //! while it was away, and what it was granted before they came (a team's
 //! earlier Prefetch, say) does not count against it.
 //!
+//! Pulls already running when a tenant starts waiting may be preempted
+//! ([`DispatchQueue::preempt`]): with one slot per node, a tenant that
+//! fanned out over every node just before another team arrived would
+//! otherwise make that team wait a whole pull on each node, however fair
+//! the queue is from then on. A waiting owner takes back a slot on a full
+//! node it wants when the slot was granted before it started waiting, to
+//! another tenant that was granted more: exactly the slot the queue would
+//! not have given that tenant had the newcomer been there. A slot granted
+//! while the newcomer waited was the queue's fair choice and is never taken
+//! back, so two tenants never preempt each other back and forth.
+//!
 //! Pure data: the ClusterActor feeds it messages and sends the grants out.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -46,10 +57,13 @@ struct Owner {
     candidates: VecDeque<PairKey>,
     /// Its own cap on pods in flight.
     cap: usize,
-    /// Slots it holds, by node.
-    held: BTreeMap<String, usize>,
+    /// Slots it holds, by node: when each was granted (the queue's clock),
+    /// oldest first.
+    held: BTreeMap<String, Vec<u64>>,
     in_flight: usize,
     account: Account,
+    /// The queue's clock when it last started waiting or holding.
+    active_since: u64,
 }
 
 impl Owner {
@@ -69,6 +83,15 @@ struct Tenant {
     account: Account,
 }
 
+/// A slot to take back: `holder` stops its youngest pull on `node`, which
+/// `for_owner` is waiting for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preemption {
+    pub holder: String,
+    pub node: String,
+    pub for_owner: String,
+}
+
 #[derive(Debug, Clone)]
 pub struct DispatchQueue {
     per_node: usize,
@@ -79,6 +102,8 @@ pub struct DispatchQueue {
     tenants: BTreeMap<String, Tenant>,
     /// Grants so far: the clock of [`Account::last_served`].
     clock: u64,
+    /// Preemptions asked for whose slot was not released yet.
+    preempting: Vec<Preemption>,
 }
 
 /// Who goes first: fewest granted, then fewest pairs waiting (so one
@@ -97,6 +122,7 @@ impl DispatchQueue {
             owners: BTreeMap::new(),
             tenants: BTreeMap::new(),
             clock: 0,
+            preempting: Vec::new(),
         }
     }
 
@@ -136,11 +162,12 @@ impl DispatchQueue {
         let Some(entry) = self.owners.get_mut(owner) else {
             return;
         };
-        let Some(count) = entry.held.get_mut(node) else {
+        let Some(grants) = entry.held.get_mut(node) else {
             return;
         };
-        *count -= 1;
-        if *count == 0 {
+        // Which pull ended is not said; pulls mostly end oldest first.
+        grants.remove(0);
+        if grants.is_empty() {
             entry.held.remove(node);
         }
         entry.in_flight -= 1;
@@ -150,6 +177,13 @@ impl DispatchQueue {
         }
         self.set_active(owner, true, still_active);
         self.free_node_slot(node);
+        if let Some(done) = self
+            .preempting
+            .iter()
+            .position(|p| p.holder == owner && p.node == node)
+        {
+            self.preempting.remove(done);
+        }
     }
 
     /// The owner is gone (its Prefetch was deleted or its actor stopped):
@@ -163,6 +197,8 @@ impl DispatchQueue {
         let Some(entry) = self.owners.remove(owner) else {
             return;
         };
+        self.preempting
+            .retain(|p| p.holder != owner && p.for_owner != owner);
         if let Some(tenant) = self.tenants.get_mut(&entry.tenant) {
             tenant.in_flight -= entry.in_flight;
             tenant.owners -= 1;
@@ -170,8 +206,8 @@ impl DispatchQueue {
                 self.tenants.remove(&entry.tenant);
             }
         }
-        for (node, count) in entry.held {
-            for _ in 0..count {
+        for (node, grants) in entry.held {
+            for _ in grants {
                 self.free_node_slot(&node);
             }
         }
@@ -208,6 +244,113 @@ impl DispatchQueue {
         grants
     }
 
+    /// Slots to take back for owners waiting for full nodes (see the
+    /// module's note): for each waiting owner, the tenant that goes first
+    /// first, and each of its candidates on a full node that its tenant
+    /// does not use already, the slot there granted before the owner
+    /// started waiting, to a tenant granted more than the waiting one
+    /// (counting the preemptions already asked for it), the most served
+    /// first. At most one preemption per node at a time, and no more for
+    /// an owner than its cap leaves room for. Each is asked once: the
+    /// queue waits for the holder's release, which the next
+    /// [`DispatchQueue::grant`] gives to the waiting owner, as it goes first.
+    pub fn preempt(&mut self) -> Vec<Preemption> {
+        let mut issued = Vec::new();
+        let active_tenants = self
+            .tenants
+            .values()
+            .filter(|tenant| tenant.active_owners > 0)
+            .count();
+        if active_tenants < 2 {
+            return issued;
+        }
+        let mut waiting: Vec<(&String, &Owner)> = self
+            .owners
+            .iter()
+            .filter(|(_, entry)| !entry.candidates.is_empty() && entry.in_flight < entry.cap)
+            .collect();
+        waiting
+            .sort_by_key(|(name, entry)| (self.tenant_served(&entry.tenant), entry.account, *name));
+        for (name, entry) in waiting {
+            // Cheap way out for the usual case: no other tenant holding
+            // slots was granted more, so none of its candidates can preempt.
+            let most_served_holder = self
+                .tenants
+                .iter()
+                .filter(|(tenant, state)| **tenant != entry.tenant && state.in_flight > 0)
+                .map(|(_, state)| state.account.served)
+                .max();
+            if most_served_holder.is_none_or(|most| most <= self.tenant_served(&entry.tenant)) {
+                continue;
+            }
+            let mut room = entry.cap - entry.in_flight;
+            room = room.saturating_sub(self.pending(|p| p.for_owner == **name));
+            for key in &entry.candidates {
+                if room == 0 {
+                    break;
+                }
+                let node = key.node.as_str();
+                let busy = self.has_room(node)
+                    || self.pending(|p| p.node == node) > 0
+                    || issued.iter().any(|p: &Preemption| p.node == node)
+                    || self
+                        .owners
+                        .values()
+                        .any(|other| other.tenant == entry.tenant && other.held.contains_key(node));
+                if busy {
+                    continue;
+                }
+                let served = self.tenant_served(&entry.tenant)
+                    + u64::try_from(
+                        self.pending(|p| self.tenant_of(&p.for_owner) == Some(&entry.tenant))
+                            + issued
+                                .iter()
+                                .filter(|p| self.tenant_of(&p.for_owner) == Some(&entry.tenant))
+                                .count(),
+                    )
+                    .unwrap_or(u64::MAX);
+                let holder = self
+                    .owners
+                    .iter()
+                    .filter(|(_, other)| other.tenant != entry.tenant)
+                    .filter_map(|(holder, other)| {
+                        let youngest = *other.held.get(node)?.last()?;
+                        let holder_served = self.tenant_served(&other.tenant);
+                        (youngest <= entry.active_since && holder_served > served).then_some((
+                            holder_served,
+                            youngest,
+                            holder,
+                        ))
+                    })
+                    .max();
+                if let Some((_, _, holder)) = holder {
+                    issued.push(Preemption {
+                        holder: holder.clone(),
+                        node: node.to_string(),
+                        for_owner: name.clone(),
+                    });
+                    room -= 1;
+                }
+            }
+        }
+        self.preempting.extend(issued.iter().cloned());
+        issued
+    }
+
+    fn tenant_served(&self, tenant: &str) -> u64 {
+        self.tenants
+            .get(tenant)
+            .map_or(0, |tenant| tenant.account.served)
+    }
+
+    fn tenant_of(&self, owner: &str) -> Option<&String> {
+        self.owners.get(owner).map(|entry| &entry.tenant)
+    }
+
+    fn pending(&self, which: impl Fn(&Preemption) -> bool) -> usize {
+        self.preempting.iter().filter(|p| which(p)).count()
+    }
+
     fn ensure_owner(&mut self, owner: &str, tenant: &str) {
         if self.owners.contains_key(owner) {
             return;
@@ -236,6 +379,10 @@ impl DispatchQueue {
                 tenant.active_owners -= 1;
             }
             return;
+        }
+        let clock = self.clock;
+        if let Some(entry) = self.owners.get_mut(owner) {
+            entry.active_since = clock;
         }
         let tenant_floor = self
             .tenants
@@ -271,7 +418,7 @@ impl DispatchQueue {
         let Some(entry) = self.owners.get_mut(owner) else {
             return;
         };
-        *entry.held.entry(node.to_string()).or_insert(0) += 1;
+        entry.held.entry(node.to_string()).or_default().push(clock);
         entry.in_flight += 1;
         entry.account.served += 1;
         entry.account.last_served = clock;
@@ -342,6 +489,25 @@ impl DispatchQueue {
             .position(|key| by_node.get(&key.node).copied().unwrap_or(0) < per_node)?;
         entry.candidates.remove(position)
     }
+}
+
+/// What a Prefetch offers the queue out of its due pairs (in `due`'s
+/// order, which spreads them over nodes): none on a node its own pulls
+/// fill already (`own_in_flight` by node, `per_node` slots each), which
+/// the queue could not grant, and at most `limit`. With `limit` at least
+/// its cap plus the cluster's slots, the slots other Prefetches hold cannot
+/// fill the offer either: whenever one of its due pairs is on a free node,
+/// enough such pairs are offered to fill its cap.
+pub fn offer(
+    due: Vec<PairKey>,
+    own_in_flight: &BTreeMap<String, usize>,
+    per_node: usize,
+    limit: usize,
+) -> Vec<PairKey> {
+    due.into_iter()
+        .filter(|key| own_in_flight.get(&key.node).copied().unwrap_or(0) < per_node)
+        .take(limit)
+        .collect()
 }
 
 fn rank<'a>(account: Account, pairs: usize, name: &'a str) -> Rank<'a> {
@@ -606,6 +772,155 @@ mod tests {
             queue.release("every-node", node);
             assert_eq!(only_grant(&mut queue).0, "loaded");
         }
+    }
+
+    fn preemption(holder: &str, node: &str, for_owner: &str) -> Preemption {
+        Preemption {
+            holder: holder.into(),
+            node: node.into(),
+            for_owner: for_owner.into(),
+        }
+    }
+
+    /// Issue 8's hostile tenant: its pulls on every node, started just
+    /// before another team came, are taken back one per node for that
+    /// team, which then gets each freed slot; the hostile tenant, waiting
+    /// again, does not take them back in turn.
+    #[test]
+    fn a_newcomer_takes_back_the_slots_granted_before_it_came() {
+        let mut queue = DispatchQueue::new(1, 50);
+        let mut wide = spread("wide-0", 3);
+        wide.extend(spread("wide-1", 3));
+        queue.request("every-node", "hostile", wide, 10);
+        assert_eq!(queue.grant()["every-node"].len(), 3);
+        queue.request("ordinary", "victim", spread("ordinary", 3), 10);
+        assert!(queue.grant().is_empty());
+        assert_eq!(
+            queue.preempt(),
+            ["n1", "n2", "n3"].map(|node| preemption("every-node", node, "ordinary"))
+        );
+        // Asked once: nothing more until the holder gives the slots back.
+        assert!(queue.preempt().is_empty());
+        for node in ["n2", "n1", "n3"] {
+            queue.release("every-node", node);
+            assert_eq!(
+                only_grant(&mut queue),
+                ("ordinary".to_string(), key(node, "ordinary"))
+            );
+            // The preempted pair is due again, but its pull was the
+            // queue's to give back, not the newcomer's: no preempting back.
+            queue.request("every-node", "hostile", spread("wide-0", 3), 10);
+            assert!(queue.preempt().is_empty());
+        }
+        assert_eq!(queue.owner_in_flight("ordinary"), 3);
+    }
+
+    /// A slot granted while an owner waited was the queue's fair choice.
+    #[test]
+    fn slots_granted_while_waiting_are_not_taken_back() {
+        let mut queue = DispatchQueue::new(1, 100);
+        queue.request("a", "ns-a", keys(&[("n1", "1"), ("n1", "2")]), 10);
+        queue.request(
+            "b",
+            "ns-b",
+            keys(&[("n1", "1"), ("n1", "2"), ("n1", "3")]),
+            10,
+        );
+        for _ in 0..4 {
+            let (owner, key) = only_grant(&mut queue);
+            assert!(queue.preempt().is_empty());
+            queue.release(&owner, &key.node);
+        }
+    }
+
+    #[test]
+    fn no_preemption_within_a_tenant_or_of_a_tenant_granted_less() {
+        // Two Prefetches of one namespace share as the queue decides.
+        let mut queue = DispatchQueue::new(1, 100);
+        queue.request("first", "team", spread("x", 2), 10);
+        assert_eq!(queue.grant()["first"].len(), 2);
+        queue.request("second", "team", spread("y", 2), 10);
+        assert!(queue.preempt().is_empty());
+
+        // The holder's tenant was granted no more than the waiting one:
+        // its slot is its fair share.
+        let mut queue = DispatchQueue::new(1, 100);
+        queue.request("a", "ns-a", spread("x", 2), 10);
+        queue.grant();
+        queue.request("a", "ns-a", Vec::new(), 10);
+        queue.release("a", "n1");
+        queue.request("b", "ns-b", keys(&[("n1", "y")]), 10);
+        assert_eq!(queue.grant()["b"], keys(&[("n1", "y")]));
+        // a holds n2 (granted 2), b holds n1 (granted 2 with its catch-up
+        // from a's holdings when it came, and 1): b wants n2 too.
+        queue.request("b", "ns-b", keys(&[("n2", "y")]), 10);
+        assert!(queue.preempt().is_empty());
+    }
+
+    #[test]
+    fn preemptions_stay_within_the_waiting_owners_cap() {
+        let mut queue = DispatchQueue::new(1, 50);
+        queue.request("every-node", "hostile", spread("wide", 3), 10);
+        assert_eq!(queue.grant()["every-node"].len(), 3);
+        queue.request("capped", "victim", spread("ordinary", 3), 1);
+        assert_eq!(queue.preempt(), [preemption("every-node", "n1", "capped")]);
+        // Its owner gone, the preemption is forgotten with it.
+        queue.remove_owner("capped");
+        assert!(queue.preempting.is_empty());
+        assert!(queue.preempt().is_empty());
+    }
+
+    #[test]
+    fn one_tenant_alone_never_preempts() {
+        let mut queue = DispatchQueue::new(1, 2);
+        queue.request("a", "ns", spread("x", 2), 10);
+        assert_eq!(queue.grant()["a"].len(), 2);
+        queue.request("b", "ns", spread("y", 2), 10);
+        assert!(queue.preempt().is_empty());
+    }
+
+    /// Benchmark 4's case: the offer leaves out pairs whose node the
+    /// Prefetch's own pull (of the sibling image) fills.
+    #[test]
+    fn the_offer_leaves_out_nodes_its_own_pulls_fill() {
+        let mut due = spread("second", 3);
+        due.extend(spread("third", 3));
+        let own = BTreeMap::from([("n1".to_string(), 1), ("n3".to_string(), 1)]);
+        assert_eq!(
+            offer(due.clone(), &own, 1, 10),
+            keys(&[("n2", "second"), ("n2", "third")])
+        );
+        assert_eq!(
+            offer(due.clone(), &own, 2, 2),
+            keys(&[("n1", "second"), ("n2", "second")])
+        );
+        assert!(offer(due, &own, 1, 0).is_empty());
+    }
+
+    /// Others hold the first nodes of its list: an offer of its cap plus the
+    /// cluster's slots still reaches free nodes, where one cut to a fixed
+    /// size left the Prefetch idle beside free nodes.
+    #[test]
+    fn an_offer_of_cap_plus_cluster_slots_reaches_free_nodes() {
+        let (per_cluster, cap) = (100, 10);
+        let mut queue = DispatchQueue::new(1, per_cluster);
+        let nodes = |from: usize, to: usize| -> Vec<PairKey> {
+            (from..to).map(|n| key(&format!("n{n:03}"), "x")).collect()
+        };
+        queue.request("other", "ns-other", nodes(0, 64), 64);
+        assert_eq!(queue.grant()["other"].len(), 64);
+        let due: Vec<PairKey> = (0..500).map(|n| key(&format!("n{n:03}"), "y")).collect();
+        let none = BTreeMap::new();
+        queue.request("a", "ns-a", offer(due.clone(), &none, 1, 64), cap);
+        assert!(queue.grant().is_empty());
+        queue.request("a", "ns-a", offer(due, &none, 1, cap + per_cluster), cap);
+        assert_eq!(
+            queue.grant()["a"],
+            nodes(64, 74)
+                .into_iter()
+                .map(|k| key(&k.node, "y"))
+                .collect::<Vec<_>>()
+        );
     }
 
     #[test]

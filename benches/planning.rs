@@ -14,6 +14,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::{BTreeMap, BTreeSet};
 use std::hint::black_box;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -24,7 +25,7 @@ use kube_prefetch::api::WorkloadKind;
 use kube_prefetch::pull::dispatch::DispatchQueue;
 use kube_prefetch::pull::image::{NodeImages, node_has_image, normalize};
 use kube_prefetch::pull::plan::{
-    DesiredSet, ExtraImages, PairKey, Planner, PullTarget, desired_pulls,
+    DesiredSet, ExtraImages, PairKey, Planner, PullSettings, PullTarget, desired_pulls,
 };
 use kube_prefetch::pull::podspec::{PullMethod, PullPodParams, build_pull_pod};
 use kube_prefetch::pull::targeting::{NodeTargeting, NodeView, SchedulingConstraints};
@@ -600,27 +601,43 @@ fn targeting() -> NodeTargeting {
 /// Exactly `nodes × images` pairs, every workload on every node: the size the
 /// tracker benchmarks are stated in.
 fn full_desired_set(node_count: usize, image_count: usize) -> DesiredSet {
-    let mut desired = DesiredSet::default();
-    for node in 0..node_count {
-        let node_name = format!("prod-eu-1-worker-{node:05}");
-        for image in 0..image_count {
-            let image_name = format!(
-                "registry.example.com/team-{}/service-{}:v1.{image}.0",
-                image % 5,
-                image / 5
-            );
-            desired.images.insert(image_name.clone());
-            let target = PullTarget {
-                node: node_name.clone(),
-                image: image_name,
+    // One settings per source (team, service account), shared by its pairs
+    // as the planner shares them.
+    let settings: BTreeMap<(usize, usize), Arc<PullSettings>> = (0..image_count)
+        .map(|image| {
+            let settings = PullSettings {
                 namespace: format!("team-{}", image % 5),
                 image_pull_secrets: vec!["registry-credentials".to_string()],
                 service_account: Some(format!("sa-{}", image / 5)),
                 tolerations: Vec::new(),
             };
-            desired.pairs.insert(target.key(), target);
-        }
-        desired.nodes.insert(node_name);
+            ((image % 5, image / 5), Arc::new(settings))
+        })
+        .collect();
+    // Image names shared by their pairs, as the planner shares them.
+    let images: Vec<Arc<str>> = (0..image_count)
+        .map(|image| {
+            let name = format!(
+                "registry.example.com/team-{}/service-{}:v1.{image}.0",
+                image % 5,
+                image / 5
+            );
+            Arc::from(name)
+        })
+        .collect();
+    let mut desired = DesiredSet::default();
+    desired.images = images.iter().map(|image| image.to_string()).collect();
+    for node in 0..node_count {
+        let node_name: Arc<str> = Arc::from(format!("prod-eu-1-worker-{node:05}"));
+        let pairs = images
+            .iter()
+            .enumerate()
+            .map(|(index, image)| {
+                let shared = settings[&(index % 5, index / 5)].clone();
+                PullTarget::new(node_name.clone(), image.clone(), shared)
+            })
+            .collect();
+        desired.replace_node(&node_name, Some(pairs));
     }
     desired
 }
@@ -630,7 +647,8 @@ fn full_desired_set(node_count: usize, image_count: usize) -> DesiredSet {
 fn busy_tracker(desired: &DesiredSet, now: Instant) -> Tracker {
     let mut tracker = Tracker::new(BackoffPolicy::default());
     tracker.set_desired(desired);
-    for (index, key) in desired.pairs.keys().enumerate() {
+    for (index, key) in desired.keys().enumerate() {
+        let key = &key;
         let pod = format!("kube-prefetch-{index:040x}");
         match index % 20 {
             0..=11 => {
@@ -734,15 +752,15 @@ fn main() {
             retained(|| desired_pulls(&fleet, &workloads, &extra, &targeting, true, false));
         let note = format!(
             "{} targeted nodes, {} pairs",
-            desired.nodes.len(),
-            desired.pairs.len()
+            desired.node_count(),
+            desired.len()
         );
         bench.record_retained(
             &format!("DesiredSet, {node_count} nodes"),
             bytes,
             format!(
                 "{note}: {} per pair",
-                format_bytes(bytes as f64 / desired.pairs.len().max(1) as f64)
+                format_bytes(bytes as f64 / desired.len().max(1) as f64)
             ),
         );
         bench.run(
@@ -779,7 +797,7 @@ fn main() {
 
     // Tracker at 25k pairs: 500 nodes x 50 images.
     let desired = full_desired_set(500, 50);
-    let pairs = desired.pairs.len();
+    let pairs = desired.len();
     let now = Instant::now();
     let (tracker, bytes) = retained(|| busy_tracker(&desired, now));
     bench.record_retained(
@@ -843,7 +861,7 @@ fn main() {
             (node.name.clone(), node)
         })
         .collect();
-    let keys: Vec<&PairKey> = desired.pairs.keys().collect();
+    let keys: Vec<PairKey> = desired.keys().collect();
     bench.run(
         "replan image check 25k pairs",
         pairs,
@@ -852,7 +870,7 @@ fn main() {
             keys.iter()
                 .filter(|key| {
                     node_views
-                        .get(&key.node)
+                        .get(&*key.node)
                         .is_some_and(|node| node.images.contains(&key.image))
                 })
                 .count()
@@ -882,7 +900,7 @@ fn main() {
     for (key, _) in replan_tracker.in_flight() {
         replan_tracker.on_outcome(&key, Outcome::Succeeded, now);
     }
-    let replan_pairs = plan_once().pairs.len();
+    let replan_pairs = plan_once().len();
     bench.run_with_setup(
         "replan 500 nodes, whole",
         1,
@@ -899,12 +917,12 @@ fn main() {
                 .into_iter()
                 .map(|(key, _)| key)
                 .collect();
-            for key in desired.pairs.keys() {
+            for key in desired.keys() {
                 let reported = fleet
-                    .get(&key.node)
+                    .get(&*key.node)
                     .is_some_and(|node| node.images.contains(&key.image));
-                if reported && !in_flight.contains(key) {
-                    tracker.node_reports_image(key, later);
+                if reported && !in_flight.contains(&key) {
+                    tracker.node_reports_image(&key, later);
                 }
             }
             desired
@@ -928,7 +946,7 @@ fn main() {
             let plan = planner.plan_node(black_box(&changed));
             desired.replace_node(&changed.name, plan);
             tracker.set_node_desired(&changed.name, desired);
-            let keys: Vec<PairKey> = desired.node_keys(&changed.name).cloned().collect();
+            let keys: Vec<PairKey> = desired.node_keys(&changed.name).collect();
             for key in &keys {
                 if changed.images.contains(&key.image) {
                     tracker.node_reports_image(key, later);
@@ -939,12 +957,10 @@ fn main() {
 
     // build_pull_pod: one pod per dispatched pair.
     let target = desired
-        .pairs
-        .values()
+        .targets()
         .next()
-        .cloned()
         .map(|mut target| {
-            target.tolerations = vec![
+            Arc::make_mut(&mut target.settings).tolerations = vec![
                 toleration("dedicated", "Equal", Some("batch"), Some("NoSchedule")),
                 toleration(
                     "node.kubernetes.io/not-ready",

@@ -339,7 +339,7 @@ impl DispatchQueue {
         let position = entry
             .candidates
             .iter()
-            .position(|key| by_node.get(&key.node).copied().unwrap_or(0) < per_node)?;
+            .position(|key| by_node.get(&*key.node).copied().unwrap_or(0) < per_node)?;
         entry.candidates.remove(position)
     }
 }
@@ -539,7 +539,7 @@ mod tests {
         for node in ["n2", "n1", "n3"] {
             queue.release("every-node", node);
             let (owner, key) = only_grant(&mut queue);
-            assert_eq!((owner.as_str(), key.node.as_str()), ("ordinary", node));
+            assert_eq!((owner.as_str(), &*key.node), ("ordinary", node));
         }
         // Done: the hostile namespace's two share what frees up next.
         queue.request("ordinary", "victim", Vec::new(), 10);
@@ -576,7 +576,7 @@ mod tests {
         for node in ["n1", "n2", "n1", "n2", "n1", "n2"] {
             queue.release(&holders[node], node);
             let (owner, key) = only_grant(&mut queue);
-            assert_eq!(key.node, node);
+            assert_eq!(&*key.node, node);
             holders.insert(node, owner.clone());
             served.push(owner);
         }

@@ -569,11 +569,11 @@ mod tests {
         let planned = |targeting: &NodeTargeting, tolerate_all: bool| {
             let desired = desired_pulls(&nodes, &[], &images, targeting, true, tolerate_all);
             let pairs: Vec<(String, Vec<Toleration>)> = desired
-                .pairs
-                .values()
-                .map(|target| (target.node.clone(), target.tolerations.clone()))
+                .targets()
+                .map(|target| (target.node.to_string(), target.settings.tolerations.clone()))
                 .collect();
-            (pairs, desired.nodes.into_iter().collect::<Vec<_>>())
+            let targeted: Vec<String> = desired.nodes().map(str::to_string).collect();
+            (pairs, targeted)
         };
 
         let (pairs, targeted) = planned(&NodeTargeting::default(), false);

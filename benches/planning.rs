@@ -446,7 +446,6 @@ fn nodes(count: usize) -> Vec<NodeView> {
                 ready: index % 97 != 50,
                 unschedulable: index % 113 == 60,
                 images: NodeImages::from_names(&reported_images(index)),
-                image_names: reported_images(index),
             }
         })
         .collect()
@@ -715,19 +714,20 @@ fn main() {
     // node_has_image parses the node's names on every call; replan instead
     // asks the NodeImages index that NodeView builds once per node update.
     let busy_node = nodes(10).pop().expect("ten nodes");
-    let present = normalize(&busy_node.image_names[99]).expect("valid name");
+    let busy_names = reported_images(9);
+    let present = normalize(&busy_names[99]).expect("valid name");
     let absent = "docker.io/istio/proxyv2:1.24.1".to_string();
     bench.run(
         "node_has_image (100 names, absent)",
         1,
         "worst case: parses every name",
-        || node_has_image(black_box(&busy_node.image_names), black_box(&absent)),
+        || node_has_image(black_box(&busy_names), black_box(&absent)),
     );
     bench.run(
         "node_has_image (100 names, last)",
         1,
         "found at the end",
-        || node_has_image(black_box(&busy_node.image_names), black_box(&present)),
+        || node_has_image(black_box(&busy_names), black_box(&present)),
     );
     bench.run(
         "NodeImages::contains (100 names, absent)",
@@ -739,7 +739,7 @@ fn main() {
         "NodeImages::from_names (100 names)",
         1,
         "on every node event",
-        || NodeImages::from_names(black_box(&busy_node.image_names)),
+        || NodeImages::from_names(black_box(&busy_names)),
     );
 
     // desired_pulls: one replan of one Prefetch.
@@ -805,6 +805,73 @@ fn main() {
         bytes,
         format!("{} per pair", format_bytes(bytes as f64 / pairs as f64)),
     );
+    // Issue 7's fleet: 20 Prefetches x 5 images on 1,000 workers, every
+    // pair satisfied (READY), the nodes shared by all Prefetches as the
+    // cluster's index shares them. What one more 1,000 nodes costs.
+    let fleet_nodes: Vec<NodeView> = (0..1000)
+        .map(|index| NodeView {
+            name: format!("sim-1-worker{index}"),
+            ready: true,
+            ..NodeView::default()
+        })
+        .collect();
+    let ((fleet_pairs, fleet_state), bytes) = retained(|| {
+        let mut pairs = 0;
+        let mut state = Vec::new();
+        for prefetch in 0..20 {
+            let workload = WorkloadImages {
+                kind: WorkloadKind::Deployment,
+                namespace: format!("team-{prefetch}"),
+                name: format!("app-{prefetch}"),
+                images: (0..5)
+                    .map(|image| {
+                        format!("registry.example/fleet/app-{}:1", (prefetch + image) % 10)
+                    })
+                    .collect(),
+                scheduling: SchedulingConstraints::default(),
+                image_pull_secrets: vec!["registry-credentials".to_string()],
+                service_account: None,
+            };
+            let planner = Planner::new(
+                [workload].iter(),
+                &extras(),
+                NodeTargeting {
+                    node_filter: Some("worker".to_string()),
+                    ..NodeTargeting::default()
+                },
+                true,
+                false,
+            );
+            let desired = planner.plan(fleet_nodes.iter());
+            let mut tracker = Tracker::new(BackoffPolicy::default());
+            tracker.set_desired(&desired);
+            for key in desired.keys() {
+                tracker.node_reports_image(&key, now);
+            }
+            pairs += desired.len();
+            state.push((desired, tracker));
+        }
+        (pairs, state)
+    });
+    bench.record_retained(
+        "DesiredSet + Tracker, 20 Prefetches x 1,000 nodes x 5 images (READY)",
+        bytes,
+        format!(
+            "{fleet_pairs} pairs: {} per pair",
+            format_bytes(bytes as f64 / fleet_pairs.max(1) as f64)
+        ),
+    );
+    drop(fleet_state);
+    let (node_views, bytes) = retained(|| nodes(1000));
+    bench.record_retained(
+        "NodeView, 1,000 nodes x 50 images (100 names)",
+        bytes,
+        format!(
+            "{} per node, 11 labels and the image index",
+            format_bytes(bytes as f64 / node_views.len() as f64)
+        ),
+    );
+    drop(node_views);
     bench.run_with_setup(
         "Tracker::set_desired 25k, first time",
         1,

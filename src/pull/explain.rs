@@ -211,8 +211,7 @@ mod tests {
     }
 
     fn with_image(mut node: NodeView, image: &str) -> NodeView {
-        node.image_names = vec![image.to_string()];
-        node.images = crate::pull::image::NodeImages::from_names(&node.image_names);
+        node.images = crate::pull::image::NodeImages::from_names(&[image.to_string()]);
         node
     }
 

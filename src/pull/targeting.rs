@@ -23,9 +23,9 @@ pub struct NodeView {
     pub taints: Vec<Taint>,
     pub ready: bool,
     pub unschedulable: bool,
-    /// Every name of every image the kubelet reports (`status.images[].names`).
-    pub image_names: Vec<String>,
-    /// The same, parsed once for lookups.
+    /// Every name of every image the kubelet reports
+    /// (`status.images[].names`), parsed once for lookups; the names
+    /// themselves are not kept (see [`NodeImages`] on memory).
     pub images: NodeImages,
 }
 
@@ -53,7 +53,6 @@ impl NodeView {
             ready,
             unschedulable: spec.and_then(|spec| spec.unschedulable).unwrap_or(false),
             images: NodeImages::from_names(&image_names),
-            image_names,
         }
     }
 }
@@ -413,14 +412,15 @@ mod tests {
         assert_eq!(view.taints.len(), 1);
         assert!(view.ready);
         assert!(view.unschedulable);
-        assert_eq!(
-            view.image_names,
-            vec![
-                "nginx:1.7.9",
-                "nginx@sha256:abc",
-                "registry.k8s.io/pause:3.10"
-            ]
-        );
+        // `nginx@sha256:abc` is no valid digest: ignored.
+        assert_eq!(view.images.len(), 2);
+        for image in [
+            "docker.io/library/nginx:1.7.9",
+            "registry.k8s.io/pause:3.10",
+        ] {
+            assert!(view.images.contains(image), "{image}");
+        }
+        assert!(!view.images.contains("docker.io/library/nginx:1.8"));
     }
 
     #[test]

@@ -946,6 +946,12 @@ mod tests {
         assert_eq!(desired.node_name("worker-1"), Some(&a1.node));
     }
 
+    /// A desired pair under its node is two pointers and a length.
+    #[test]
+    fn a_desired_pair_stays_small() {
+        assert_eq!(std::mem::size_of::<NodePair>(), 24);
+    }
+
     #[test]
     fn hand_built_sets_count_pairs_and_nodes() {
         let settings = Arc::new(PullSettings::default());

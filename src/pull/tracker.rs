@@ -1402,6 +1402,14 @@ mod tests {
         );
     }
 
+    /// A fleet holds hundreds of thousands of pairs: keep a tracked pair
+    /// at 56 bytes (see BENCHMARKS.md, "Compact per-pair state").
+    #[test]
+    fn a_tracked_pair_stays_small() {
+        assert_eq!(std::mem::size_of::<Pair>(), 40);
+        assert_eq!(std::mem::size_of::<Tracked>(), 56);
+    }
+
     /// A replan that changes a node's images both ways at once keeps what
     /// stays, starts what is new and orphans what left in flight; an
     /// unchanged replan keeps everything.

@@ -29,7 +29,7 @@ use kube::{Client, ResourceExt};
 use kube_prefetch::actors::cluster::build_client;
 use kube_prefetch::config::ClusterTarget;
 use kube_prefetch::pull::outcome::classify;
-use kube_prefetch::pull::plan::PullTarget;
+use kube_prefetch::pull::plan::{PullSettings, PullTarget};
 use kube_prefetch::pull::podspec::{PREFETCH_UID_LABEL, PullMethod, PullPodParams, build_pull_pod};
 use serde_json::json;
 use tokio::sync::{Semaphore, oneshot};
@@ -234,14 +234,14 @@ async fn bare(
             let mut deletions = Vec::new();
             for image in images {
                 let permit = slots.acquire().await.context("slots closed")?;
-                let target = PullTarget {
-                    node: node.clone(),
-                    image: image.clone(),
-                    namespace: namespace.clone(),
-                    image_pull_secrets: Vec::new(),
-                    service_account: None,
-                    tolerations: Vec::new(),
-                };
+                let target = PullTarget::new(
+                    node.as_str(),
+                    image.as_str(),
+                    PullSettings {
+                        namespace: namespace.clone(),
+                        ..PullSettings::default()
+                    },
+                );
                 let pod = build_pull_pod(&PullPodParams {
                     prefetch_namespace: &namespace,
                     prefetch_name: BARE_UID,

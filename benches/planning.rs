@@ -14,6 +14,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::{BTreeMap, BTreeSet};
 use std::hint::black_box;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -24,7 +25,7 @@ use kube_prefetch::api::WorkloadKind;
 use kube_prefetch::pull::dispatch::DispatchQueue;
 use kube_prefetch::pull::image::{NodeImages, node_has_image, normalize};
 use kube_prefetch::pull::plan::{
-    DesiredSet, ExtraImages, PairKey, Planner, PullTarget, desired_pulls,
+    DesiredSet, ExtraImages, PairKey, Planner, PullSettings, PullTarget, desired_pulls,
 };
 use kube_prefetch::pull::podspec::{PullMethod, PullPodParams, build_pull_pod};
 use kube_prefetch::pull::targeting::{NodeTargeting, NodeView, SchedulingConstraints};
@@ -445,7 +446,6 @@ fn nodes(count: usize) -> Vec<NodeView> {
                 ready: index % 97 != 50,
                 unschedulable: index % 113 == 60,
                 images: NodeImages::from_names(&reported_images(index)),
-                image_names: reported_images(index),
             }
         })
         .collect()
@@ -600,27 +600,43 @@ fn targeting() -> NodeTargeting {
 /// Exactly `nodes × images` pairs, every workload on every node: the size the
 /// tracker benchmarks are stated in.
 fn full_desired_set(node_count: usize, image_count: usize) -> DesiredSet {
-    let mut desired = DesiredSet::default();
-    for node in 0..node_count {
-        let node_name = format!("prod-eu-1-worker-{node:05}");
-        for image in 0..image_count {
-            let image_name = format!(
-                "registry.example.com/team-{}/service-{}:v1.{image}.0",
-                image % 5,
-                image / 5
-            );
-            desired.images.insert(image_name.clone());
-            let target = PullTarget {
-                node: node_name.clone(),
-                image: image_name,
+    // One settings per source (team, service account), shared by its pairs
+    // as the planner shares them.
+    let settings: BTreeMap<(usize, usize), Arc<PullSettings>> = (0..image_count)
+        .map(|image| {
+            let settings = PullSettings {
                 namespace: format!("team-{}", image % 5),
                 image_pull_secrets: vec!["registry-credentials".to_string()],
                 service_account: Some(format!("sa-{}", image / 5)),
                 tolerations: Vec::new(),
             };
-            desired.pairs.insert(target.key(), target);
-        }
-        desired.nodes.insert(node_name);
+            ((image % 5, image / 5), Arc::new(settings))
+        })
+        .collect();
+    // Image names shared by their pairs, as the planner shares them.
+    let images: Vec<Arc<str>> = (0..image_count)
+        .map(|image| {
+            let name = format!(
+                "registry.example.com/team-{}/service-{}:v1.{image}.0",
+                image % 5,
+                image / 5
+            );
+            Arc::from(name)
+        })
+        .collect();
+    let mut desired = DesiredSet::default();
+    desired.images = images.iter().map(|image| image.to_string()).collect();
+    for node in 0..node_count {
+        let node_name: Arc<str> = Arc::from(format!("prod-eu-1-worker-{node:05}"));
+        let pairs = images
+            .iter()
+            .enumerate()
+            .map(|(index, image)| {
+                let shared = settings[&(index % 5, index / 5)].clone();
+                PullTarget::new(node_name.clone(), image.clone(), shared)
+            })
+            .collect();
+        desired.replace_node(&node_name, Some(pairs));
     }
     desired
 }
@@ -630,7 +646,8 @@ fn full_desired_set(node_count: usize, image_count: usize) -> DesiredSet {
 fn busy_tracker(desired: &DesiredSet, now: Instant) -> Tracker {
     let mut tracker = Tracker::new(BackoffPolicy::default());
     tracker.set_desired(desired);
-    for (index, key) in desired.pairs.keys().enumerate() {
+    for (index, key) in desired.keys().enumerate() {
+        let key = &key;
         let pod = format!("kube-prefetch-{index:040x}");
         match index % 20 {
             0..=11 => {
@@ -697,19 +714,20 @@ fn main() {
     // node_has_image parses the node's names on every call; replan instead
     // asks the NodeImages index that NodeView builds once per node update.
     let busy_node = nodes(10).pop().expect("ten nodes");
-    let present = normalize(&busy_node.image_names[99]).expect("valid name");
+    let busy_names = reported_images(9);
+    let present = normalize(&busy_names[99]).expect("valid name");
     let absent = "docker.io/istio/proxyv2:1.24.1".to_string();
     bench.run(
         "node_has_image (100 names, absent)",
         1,
         "worst case: parses every name",
-        || node_has_image(black_box(&busy_node.image_names), black_box(&absent)),
+        || node_has_image(black_box(&busy_names), black_box(&absent)),
     );
     bench.run(
         "node_has_image (100 names, last)",
         1,
         "found at the end",
-        || node_has_image(black_box(&busy_node.image_names), black_box(&present)),
+        || node_has_image(black_box(&busy_names), black_box(&present)),
     );
     bench.run(
         "NodeImages::contains (100 names, absent)",
@@ -721,7 +739,7 @@ fn main() {
         "NodeImages::from_names (100 names)",
         1,
         "on every node event",
-        || NodeImages::from_names(black_box(&busy_node.image_names)),
+        || NodeImages::from_names(black_box(&busy_names)),
     );
 
     // desired_pulls: one replan of one Prefetch.
@@ -734,15 +752,15 @@ fn main() {
             retained(|| desired_pulls(&fleet, &workloads, &extra, &targeting, true, false));
         let note = format!(
             "{} targeted nodes, {} pairs",
-            desired.nodes.len(),
-            desired.pairs.len()
+            desired.node_count(),
+            desired.len()
         );
         bench.record_retained(
             &format!("DesiredSet, {node_count} nodes"),
             bytes,
             format!(
                 "{note}: {} per pair",
-                format_bytes(bytes as f64 / desired.pairs.len().max(1) as f64)
+                format_bytes(bytes as f64 / desired.len().max(1) as f64)
             ),
         );
         bench.run(
@@ -779,7 +797,7 @@ fn main() {
 
     // Tracker at 25k pairs: 500 nodes x 50 images.
     let desired = full_desired_set(500, 50);
-    let pairs = desired.pairs.len();
+    let pairs = desired.len();
     let now = Instant::now();
     let (tracker, bytes) = retained(|| busy_tracker(&desired, now));
     bench.record_retained(
@@ -787,6 +805,73 @@ fn main() {
         bytes,
         format!("{} per pair", format_bytes(bytes as f64 / pairs as f64)),
     );
+    // Issue 7's fleet: 20 Prefetches x 5 images on 1,000 workers, every
+    // pair satisfied (READY), the nodes shared by all Prefetches as the
+    // cluster's index shares them. What one more 1,000 nodes costs.
+    let fleet_nodes: Vec<NodeView> = (0..1000)
+        .map(|index| NodeView {
+            name: format!("sim-1-worker{index}"),
+            ready: true,
+            ..NodeView::default()
+        })
+        .collect();
+    let ((fleet_pairs, fleet_state), bytes) = retained(|| {
+        let mut pairs = 0;
+        let mut state = Vec::new();
+        for prefetch in 0..20 {
+            let workload = WorkloadImages {
+                kind: WorkloadKind::Deployment,
+                namespace: format!("team-{prefetch}"),
+                name: format!("app-{prefetch}"),
+                images: (0..5)
+                    .map(|image| {
+                        format!("registry.example/fleet/app-{}:1", (prefetch + image) % 10)
+                    })
+                    .collect(),
+                scheduling: SchedulingConstraints::default(),
+                image_pull_secrets: vec!["registry-credentials".to_string()],
+                service_account: None,
+            };
+            let planner = Planner::new(
+                [workload].iter(),
+                &extras(),
+                NodeTargeting {
+                    node_filter: Some("worker".to_string()),
+                    ..NodeTargeting::default()
+                },
+                true,
+                false,
+            );
+            let desired = planner.plan(fleet_nodes.iter());
+            let mut tracker = Tracker::new(BackoffPolicy::default());
+            tracker.set_desired(&desired);
+            for key in desired.keys() {
+                tracker.node_reports_image(&key, now);
+            }
+            pairs += desired.len();
+            state.push((desired, tracker));
+        }
+        (pairs, state)
+    });
+    bench.record_retained(
+        "DesiredSet + Tracker, 20 Prefetches x 1,000 nodes x 5 images (READY)",
+        bytes,
+        format!(
+            "{fleet_pairs} pairs: {} per pair",
+            format_bytes(bytes as f64 / fleet_pairs.max(1) as f64)
+        ),
+    );
+    drop(fleet_state);
+    let (node_views, bytes) = retained(|| nodes(1000));
+    bench.record_retained(
+        "NodeView, 1,000 nodes x 50 images (100 names)",
+        bytes,
+        format!(
+            "{} per node, 11 labels and the image index",
+            format_bytes(bytes as f64 / node_views.len() as f64)
+        ),
+    );
+    drop(node_views);
     bench.run_with_setup(
         "Tracker::set_desired 25k, first time",
         1,
@@ -843,7 +928,7 @@ fn main() {
             (node.name.clone(), node)
         })
         .collect();
-    let keys: Vec<&PairKey> = desired.pairs.keys().collect();
+    let keys: Vec<PairKey> = desired.keys().collect();
     bench.run(
         "replan image check 25k pairs",
         pairs,
@@ -852,7 +937,7 @@ fn main() {
             keys.iter()
                 .filter(|key| {
                     node_views
-                        .get(&key.node)
+                        .get(&*key.node)
                         .is_some_and(|node| node.images.contains(&key.image))
                 })
                 .count()
@@ -882,7 +967,7 @@ fn main() {
     for (key, _) in replan_tracker.in_flight() {
         replan_tracker.on_outcome(&key, Outcome::Succeeded, now);
     }
-    let replan_pairs = plan_once().pairs.len();
+    let replan_pairs = plan_once().len();
     bench.run_with_setup(
         "replan 500 nodes, whole",
         1,
@@ -899,12 +984,12 @@ fn main() {
                 .into_iter()
                 .map(|(key, _)| key)
                 .collect();
-            for key in desired.pairs.keys() {
+            for key in desired.keys() {
                 let reported = fleet
-                    .get(&key.node)
+                    .get(&*key.node)
                     .is_some_and(|node| node.images.contains(&key.image));
-                if reported && !in_flight.contains(key) {
-                    tracker.node_reports_image(key, later);
+                if reported && !in_flight.contains(&key) {
+                    tracker.node_reports_image(&key, later);
                 }
             }
             desired
@@ -928,7 +1013,7 @@ fn main() {
             let plan = planner.plan_node(black_box(&changed));
             desired.replace_node(&changed.name, plan);
             tracker.set_node_desired(&changed.name, desired);
-            let keys: Vec<PairKey> = desired.node_keys(&changed.name).cloned().collect();
+            let keys: Vec<PairKey> = desired.node_keys(&changed.name).collect();
             for key in &keys {
                 if changed.images.contains(&key.image) {
                     tracker.node_reports_image(key, later);
@@ -939,12 +1024,10 @@ fn main() {
 
     // build_pull_pod: one pod per dispatched pair.
     let target = desired
-        .pairs
-        .values()
+        .targets()
         .next()
-        .cloned()
         .map(|mut target| {
-            target.tolerations = vec![
+            Arc::make_mut(&mut target.settings).tolerations = vec![
                 toleration("dedicated", "Equal", Some("batch"), Some("NoSchedule")),
                 toleration(
                     "node.kubernetes.io/not-ready",

@@ -588,7 +588,7 @@ fn cluster_plan_json(
                 "name": plan.name,
                 "pulls": explained.pulls,
                 "no_pull": explained.no_pull.iter().map(|(key, reason)| serde_json::json!({
-                    "node": key.node, "image": key.image, "reason": reason,
+                    "node": &*key.node, "image": &*key.image, "reason": reason,
                 })).collect::<Vec<_>>(),
                 "skipped": explained.skipped.iter().map(|(node, reason)| serde_json::json!({
                     "node": node, "reason": reason,

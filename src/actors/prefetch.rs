@@ -273,14 +273,14 @@ impl PrefetchActor {
                     changed = true;
                     self.tracker.set_node_desired(&name, &self.desired);
                 }
-                let keys: Vec<PairKey> = self.desired.node_keys(&name).cloned().collect();
+                let keys: Vec<PairKey> = self.desired.node_keys(&name).collect();
                 for key in &keys {
                     changed |= self.check_node_report(key, now);
                 }
             }
             // Crossed the limit node by node.
-            full = self.desired.pairs.len() > limit;
-            self.claimed_pairs = self.desired.pairs.len();
+            full = self.desired.len() > limit;
+            self.claimed_pairs = self.desired.len();
         }
         if full {
             changed = true;
@@ -294,14 +294,13 @@ impl PrefetchActor {
             self.too_many_pairs = too_many;
             // Counted before dropping them: the cluster needs the claim to
             // decide again when others change.
-            self.claimed_pairs = desired.pairs.len();
+            self.claimed_pairs = desired.len();
             if self.cluster_pair_limit.is_some() {
-                desired.pairs.clear();
-                desired.nodes.clear();
+                desired.clear_pairs();
             }
             self.desired = desired;
             self.tracker.set_desired(&self.desired);
-            let keys: Vec<PairKey> = self.desired.pairs.keys().cloned().collect();
+            let keys: Vec<PairKey> = self.desired.keys().collect();
             for key in &keys {
                 self.check_node_report(key, now);
             }
@@ -356,7 +355,7 @@ impl PrefetchActor {
         }
         info!(
             restored,
-            desired = self.desired.pairs.len(),
+            desired = self.desired.len(),
             "pairs verified before the restart are not pulled again"
         );
     }
@@ -367,7 +366,7 @@ impl PrefetchActor {
     fn check_node_report(&mut self, key: &PairKey, now: Instant) -> bool {
         let reported = self
             .nodes
-            .get(&key.node)
+            .get(&*key.node)
             .is_some_and(|node| node.images.contains(&key.image));
         reported && self.tracker.node_reports_image(key, now)
     }
@@ -375,9 +374,8 @@ impl PrefetchActor {
     /// The namespace a pair's pod lives in (the workload's, or the Prefetch's).
     fn pod_namespace_of(&self, key: &PairKey) -> String {
         self.desired
-            .pairs
-            .get(key)
-            .map(|target| target.namespace.clone())
+            .target(key)
+            .map(|target| target.settings.namespace.clone())
             .or_else(|| self.known_pod_namespaces.get(key).cloned())
             .unwrap_or_else(|| self.namespace())
     }
@@ -395,7 +393,7 @@ impl PrefetchActor {
                 let due = self.tracker.due(Instant::now(), self.retry_after());
                 let mut own: BTreeMap<String, usize> = BTreeMap::new();
                 for (key, _) in self.tracker.in_flight() {
-                    *own.entry(key.node).or_default() += 1;
+                    *own.entry(key.node.to_string()).or_default() += 1;
                 }
                 // The queue needs a choice of nodes, not every due pair: due()
                 // spreads them over nodes, so the first ones span many.
@@ -442,7 +440,7 @@ impl PrefetchActor {
         let prefetch_namespace = self.namespace();
         let prefetch_name = self.name();
         for key in chosen {
-            let Some(target) = self.desired.pairs.get(&key).cloned() else {
+            let Some(target) = self.desired.target(&key) else {
                 self.release_slot(&key.node);
                 continue;
             };
@@ -462,9 +460,10 @@ impl PrefetchActor {
             self.deadlines
                 .insert(key.clone(), now + self.judging_deadline());
             self.known_pod_namespaces
-                .insert(key.clone(), target.namespace.clone());
+                .insert(key.clone(), target.settings.namespace.clone());
             debug!(node = %key.node, image = %key.image, pod = %pod_name, "creating pull pod");
-            let api: Api<Pod> = Api::namespaced(self.shared.client.clone(), &target.namespace);
+            let api: Api<Pod> =
+                Api::namespaced(self.shared.client.clone(), &target.settings.namespace);
             let create = async move { api.create(&PostParams::default(), &pod).await };
             ctx.spawn(create.into_actor(self).map(move |result, actor, ctx| {
                 let _span = actor.span.clone().entered();
@@ -481,7 +480,7 @@ impl PrefetchActor {
                     // it up rather than wait for an event that may not come.
                     Err(error) if api_status_code(&error) == Some(409) => {
                         debug!(pod = %pod_name, "pull pod already exists; looking it up");
-                        actor.look_up_existing(key, pod_name, target.namespace, ctx);
+                        actor.look_up_existing(key, pod_name, target.settings.namespace.clone(), ctx);
                     }
                     // The API server is down or overloaded, or RBAC
                     // refuses us: that is the cluster's state (its health
@@ -506,7 +505,7 @@ impl PrefetchActor {
                             &key,
                             Outcome::Failed {
                                 reason: "PodCreateFailed".into(),
-                                message: format!("creating pull pod in namespace {}: {message}", target.namespace),
+                                message: format!("creating pull pod in namespace {}: {message}", target.settings.namespace),
                                 permanent: false,
                             },
                             ctx,
@@ -600,7 +599,7 @@ impl PrefetchActor {
         let Some((key, pod_name)) = self
             .deadlines
             .iter()
-            .filter(|(key, _)| key.node == msg.node)
+            .filter(|(key, _)| *key.node == *msg.node)
             .filter_map(|(key, at)| Some((at, key, in_flight.get(key)?)))
             .max()
             .map(|(_, key, pod)| (key.clone(), pod.clone()))
@@ -746,8 +745,7 @@ impl PrefetchActor {
         // Labels are anyone's to set: only the pod we would create counts.
         let wanted_in = self
             .desired
-            .pairs
-            .contains_key(&key)
+            .contains(&key)
             .then(|| self.pod_namespace_of(&key));
         if let Err(why) = check_own_pull_pod(&pod, &self.uid, &key, wanted_in.as_deref()) {
             warn!(pod = %format!("{namespace}/{pod_name}"), "not adopting a pod labelled as our pull pod: {why}");
@@ -767,8 +765,7 @@ impl PrefetchActor {
                 self.queue_replan(ctx);
                 return;
             }
-            if !self.desired.pairs.contains_key(&key) || self.tracker.in_flight_uid(&key).is_some()
-            {
+            if !self.desired.contains(&key) || self.tracker.in_flight_uid(&key).is_some() {
                 // Left over from an older plan (or before a restart), or a
                 // stray pod of a pair whose current attempt is another pod.
                 info!(pod = %pod_name, node = %key.node, image = %key.image, "deleting a pull pod no longer wanted");
@@ -779,7 +776,7 @@ impl PrefetchActor {
             // Found after a restart: take it over instead of creating another.
             self.shared.to_cluster.adopt_slot.do_send(AdoptSlot {
                 uid: self.uid.clone(),
-                node: key.node.clone(),
+                node: key.node.to_string(),
             });
             self.tracker
                 .on_adopted(&key, &pod_name, &pod_uid, Instant::now());
@@ -892,7 +889,7 @@ impl PrefetchActor {
             suspended: spec.is_suspended(),
             observed_generation: self.prefetch.metadata.generation,
             images: self.desired.images.iter().cloned().collect(),
-            targeted_nodes: self.desired.nodes.len(),
+            targeted_nodes: self.desired.node_count(),
             verified: settle_verified(
                 fresh_record,
                 previous.and_then(|status| status.verified.as_ref()),

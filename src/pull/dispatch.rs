@@ -289,7 +289,7 @@ impl DispatchQueue {
                 if room == 0 {
                     break;
                 }
-                let node = key.node.as_str();
+                let node = &*key.node;
                 let busy = self.has_room(node)
                     || self.pending(|p| p.node == node) > 0
                     || issued.iter().any(|p: &Preemption| p.node == node)
@@ -486,7 +486,7 @@ impl DispatchQueue {
         let position = entry
             .candidates
             .iter()
-            .position(|key| by_node.get(&key.node).copied().unwrap_or(0) < per_node)?;
+            .position(|key| by_node.get(&*key.node).copied().unwrap_or(0) < per_node)?;
         entry.candidates.remove(position)
     }
 }
@@ -505,7 +505,7 @@ pub fn offer(
     limit: usize,
 ) -> Vec<PairKey> {
     due.into_iter()
-        .filter(|key| own_in_flight.get(&key.node).copied().unwrap_or(0) < per_node)
+        .filter(|key| own_in_flight.get(&*key.node).copied().unwrap_or(0) < per_node)
         .take(limit)
         .collect()
 }
@@ -705,7 +705,7 @@ mod tests {
         for node in ["n2", "n1", "n3"] {
             queue.release("every-node", node);
             let (owner, key) = only_grant(&mut queue);
-            assert_eq!((owner.as_str(), key.node.as_str()), ("ordinary", node));
+            assert_eq!((owner.as_str(), &*key.node), ("ordinary", node));
         }
         // Done: the hostile namespace's two share what frees up next.
         queue.request("ordinary", "victim", Vec::new(), 10);
@@ -742,7 +742,7 @@ mod tests {
         for node in ["n1", "n2", "n1", "n2", "n1", "n2"] {
             queue.release(&holders[node], node);
             let (owner, key) = only_grant(&mut queue);
-            assert_eq!(key.node, node);
+            assert_eq!(&*key.node, node);
             holders.insert(node, owner.clone());
             served.push(owner);
         }

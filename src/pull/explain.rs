@@ -127,20 +127,19 @@ pub fn explain<'a>(
         .iter()
         .map(|node| (node.name.as_str(), *node))
         .collect();
-    for (key, target) in &desired.pairs {
+    for target in desired.targets() {
+        let key = target.key();
         let on_node = by_name
-            .get(key.node.as_str())
+            .get(&*key.node)
             .is_some_and(|node| node.images.contains(&key.image));
         if on_node {
+            explanation.no_pull.push((key, NoPullReason::AlreadyOnNode));
+        } else if verified_pairs.binary_search(&key).is_ok() {
             explanation
                 .no_pull
-                .push((key.clone(), NoPullReason::AlreadyOnNode));
-        } else if verified_pairs.binary_search(key).is_ok() {
-            explanation
-                .no_pull
-                .push((key.clone(), NoPullReason::AlreadyVerified));
+                .push((key, NoPullReason::AlreadyVerified));
         } else {
-            explanation.pulls.push(planned(target));
+            explanation.pulls.push(planned(&target));
         }
     }
     explanation.skipped.sort();
@@ -149,9 +148,9 @@ pub fn explain<'a>(
 
 fn planned(target: &PullTarget) -> PlannedPull {
     PlannedPull {
-        node: target.node.clone(),
-        image: target.image.clone(),
-        namespace: target.namespace.clone(),
+        node: target.node.to_string(),
+        image: target.image.to_string(),
+        namespace: target.settings.namespace.clone(),
     }
 }
 
@@ -178,8 +177,7 @@ mod tests {
     }
 
     fn with_image(mut node: NodeView, image: &str) -> NodeView {
-        node.image_names = vec![image.to_string()];
-        node.images = crate::pull::image::NodeImages::from_names(&node.image_names);
+        node.images = crate::pull::image::NodeImages::from_names(&[image.to_string()]);
         node
     }
 
@@ -315,9 +313,9 @@ mod tests {
         let mut tracker = crate::pull::tracker::Tracker::new(Default::default());
         tracker.set_desired(&desired);
         let now = Instant::now();
-        for key in desired.pairs.keys() {
-            tracker.on_dispatched(key, "pod", now);
-            tracker.on_outcome(key, crate::pull::tracker::Outcome::Succeeded, now);
+        for key in desired.keys() {
+            tracker.on_dispatched(&key, "pod", now);
+            tracker.on_outcome(&key, crate::pull::tracker::Outcome::Succeeded, now);
         }
         let now_wall = Timestamp::now();
         let record =

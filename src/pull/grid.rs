@@ -163,14 +163,14 @@ pub fn node_rows<'a>(
 }
 
 fn node_state(source: &GridSource<'_>, node: &NodeView) -> NodeState {
-    if source.desired.nodes.contains(&node.name) {
+    if source.desired.targets_node(&node.name) {
         let pairs = source
             .desired
             .node_keys(&node.name)
             .filter_map(|key| {
-                let view = source.tracker.view(key, source.now, source.retry_after)?;
+                let view = source.tracker.view(&key, source.now, source.retry_after)?;
                 Some(PairCell {
-                    image: key.image.clone(),
+                    image: key.image.to_string(),
                     view,
                 })
             })

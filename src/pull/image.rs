@@ -8,6 +8,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::sync::{Arc, LazyLock, Mutex};
 
 use crate::names::quoted;
 
@@ -163,34 +164,37 @@ pub fn node_has_image(node_image_names: &[String], wanted_canonical: &str) -> bo
 /// The images one node reports, parsed once: planning asks "does this node
 /// have that image?" for every pair, and parsing the node's (up to 50 × a
 /// few) names on each question dominated a replan.
+///
+/// Memory: a cluster of thousands of nodes reports mostly the same images,
+/// so each node keeps only shared names (see [`shared_name`]): 16 bytes per
+/// reported name, where owned strings cost about 200.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeImages {
-    /// (registry, repository, tag) of every reported name with a tag.
-    by_tag: HashSet<(String, String, String)>,
-    /// (registry, repository, digest) of every reported name with a digest.
-    by_digest: HashSet<(String, String, String)>,
+    /// `registry/repository:tag` of every reported name with a tag and
+    /// `registry/repository@digest` of every one with a digest, sorted and
+    /// without duplicates. A registry has no `/` and a repository no `:` or
+    /// `@`, so two different images never give the same key.
+    keys: Box<[Arc<str>]>,
 }
 
 impl NodeImages {
     /// Names that do not parse are ignored: the kubelet reports what the
     /// runtime has, which we never want to fail on.
     pub fn from_names(names: &[String]) -> Self {
-        let mut images = NodeImages::default();
+        let mut keys: Vec<Arc<str>> = Vec::new();
         for reported in names.iter().filter_map(|name| ImageRef::parse(name).ok()) {
             if let Some(tag) = &reported.tag {
-                images.by_tag.insert((
-                    reported.registry.clone(),
-                    reported.repository.clone(),
-                    tag.clone(),
-                ));
+                keys.push(shared_name(tag_key(&reported, tag)));
             }
-            if let Some(digest) = reported.digest {
-                images
-                    .by_digest
-                    .insert((reported.registry, reported.repository, digest));
+            if let Some(digest) = &reported.digest {
+                keys.push(shared_name(digest_key(&reported, digest)));
             }
         }
-        images
+        keys.sort();
+        keys.dedup();
+        NodeImages {
+            keys: keys.into_boxed_slice(),
+        }
     }
 
     /// Whether a reported name satisfies `wanted`: a digest pins the content,
@@ -200,21 +204,68 @@ impl NodeImages {
         let Ok(wanted) = ImageRef::parse(wanted_canonical) else {
             return false;
         };
-        match (wanted.digest, wanted.tag) {
-            (Some(digest), _) => {
-                self.by_digest
-                    .contains(&(wanted.registry, wanted.repository, digest))
-            }
-            (None, Some(tag)) => self
-                .by_tag
-                .contains(&(wanted.registry, wanted.repository, tag)),
-            (None, None) => false,
-        }
+        let key = match (&wanted.digest, &wanted.tag) {
+            (Some(digest), _) => digest_key(&wanted, digest),
+            (None, Some(tag)) => tag_key(&wanted, tag),
+            (None, None) => return false,
+        };
+        self.keys
+            .binary_search_by(|known| (**known).cmp(key.as_str()))
+            .is_ok()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_tag.is_empty() && self.by_digest.is_empty()
+        self.keys.is_empty()
     }
+
+    /// How many distinct (repository, tag) and (repository, digest) keys.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+}
+
+fn tag_key(image: &ImageRef, tag: &str) -> String {
+    format!("{}/{}:{tag}", image.registry, image.repository)
+}
+
+fn digest_key(image: &ImageRef, digest: &str) -> String {
+    format!("{}/{}@{digest}", image.registry, image.repository)
+}
+
+/// Image names shared by every node of the process that reports them.
+struct SharedNames {
+    names: HashSet<Arc<str>>,
+    /// Names no node holds any more are dropped when the table reaches this
+    /// size, which then becomes twice what is left: the table stays within
+    /// twice the names in use, at an amortised constant cost per insert.
+    prune_at: usize,
+}
+
+static SHARED_NAMES: LazyLock<Mutex<SharedNames>> = LazyLock::new(|| {
+    Mutex::new(SharedNames {
+        names: HashSet::new(),
+        prune_at: 1024,
+    })
+});
+
+/// One allocation per distinct name, shared by every caller that asks for
+/// it. Process-wide rather than per cluster: clusters report the same
+/// images too, and what is shared changes no result, only memory.
+fn shared_name(name: String) -> Arc<str> {
+    // A panic elsewhere while holding the lock leaves the table usable.
+    let mut table = SHARED_NAMES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(known) = table.names.get(name.as_str()) {
+        return known.clone();
+    }
+    if table.names.len() >= table.prune_at {
+        table.names.retain(|known| Arc::strong_count(known) > 1);
+        table.prune_at = (table.names.len() * 2).max(1024);
+    }
+    let shared: Arc<str> = Arc::from(name);
+    table.names.insert(shared.clone());
+    shared
 }
 
 /// `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
@@ -580,6 +631,32 @@ mod tests {
 
     fn names(list: &[&str]) -> Vec<String> {
         list.iter().map(|name| name.to_string()).collect()
+    }
+
+    /// Nodes reporting one image in different spellings keep one name.
+    #[test]
+    fn nodes_reporting_the_same_image_share_its_name() {
+        let a = NodeImages::from_names(&names(&["nginx:1.7.9", "nginx:1.7.9"]));
+        let b = NodeImages::from_names(&names(&["docker.io/library/nginx:1.7.9"]));
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 1);
+        assert!(Arc::ptr_eq(&a.keys[0], &b.keys[0]));
+    }
+
+    /// Names no node holds any more do not pile up in the shared table.
+    #[test]
+    fn the_shared_names_table_forgets_names_nobody_holds() {
+        for round in 0..5000 {
+            let once = NodeImages::from_names(&[format!("churn/image-{round}:1")]);
+            assert!(once.contains(&format!("docker.io/churn/image-{round}:1")));
+        }
+        let size = SHARED_NAMES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .names
+            .len();
+        // At most twice what other tests hold at this moment, or 1,024.
+        assert!(size <= 2048 + 500, "{size} names kept");
     }
 
     #[test]

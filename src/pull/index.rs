@@ -314,7 +314,6 @@ mod tests {
             name: name.to_string(),
             ready: true,
             images: crate::pull::image::NodeImages::from_names(&image_names),
-            image_names,
             ..NodeView::default()
         }
     }

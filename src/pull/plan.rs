@@ -1,7 +1,13 @@
 //! The desired set of one Prefetch: which (node, image) pairs should exist,
 //! and with which namespace, credentials and tolerations each is pulled.
+//!
+//! Memory: a Prefetch over thousands of nodes holds hundreds of thousands of
+//! pairs, so a pair owns no string. Node and image names are `Arc<str>`
+//! shared by every pair of that node (or image), and the pull settings are
+//! one `Arc` per source (workload or the Prefetch's own images).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Toleration;
 
@@ -11,14 +17,15 @@ use crate::pull::targeting::{NodeTargeting, NodeView, SchedulingConstraints};
 use crate::pull::workload::WorkloadImages;
 
 /// One (node, image) pair; `image` is canonical (see [`normalize`]).
+/// Cloning costs two reference counts, not two strings.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PairKey {
-    pub node: String,
-    pub image: String,
+    pub node: Arc<str>,
+    pub image: Arc<str>,
 }
 
 impl PairKey {
-    pub fn new(node: impl Into<String>, image: impl Into<String>) -> Self {
+    pub fn new(node: impl Into<Arc<str>>, image: impl Into<Arc<str>>) -> Self {
         PairKey {
             node: node.into(),
             image: image.into(),
@@ -26,12 +33,9 @@ impl PairKey {
     }
 }
 
-/// Everything needed to build the pull pod of one pair.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PullTarget {
-    pub node: String,
-    /// Canonical reference.
-    pub image: String,
+/// How the pull pods of one source run: shared by all the source's pairs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PullSettings {
     /// Where the pull pod runs: the workload's namespace (its secrets and
     /// service account live there), or the Prefetch's for extra images.
     pub namespace: String,
@@ -40,9 +44,33 @@ pub struct PullTarget {
     pub tolerations: Vec<Toleration>,
 }
 
+/// Everything needed to build the pull pod of one pair.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PullTarget {
+    pub node: Arc<str>,
+    /// Canonical reference.
+    pub image: Arc<str>,
+    pub settings: Arc<PullSettings>,
+}
+
 impl PullTarget {
+    pub fn new(
+        node: impl Into<Arc<str>>,
+        image: impl Into<Arc<str>>,
+        settings: impl Into<Arc<PullSettings>>,
+    ) -> Self {
+        PullTarget {
+            node: node.into(),
+            image: image.into(),
+            settings: settings.into(),
+        }
+    }
+
     pub fn key(&self) -> PairKey {
-        PairKey::new(self.node.clone(), self.image.clone())
+        PairKey {
+            node: self.node.clone(),
+            image: self.image.clone(),
+        }
     }
 }
 
@@ -54,11 +82,22 @@ pub struct ExtraImages {
     pub image_pull_secrets: Vec<String>,
 }
 
+/// One pair as the desired set keeps it, under its node: 24 bytes.
+#[derive(Debug, Clone, PartialEq)]
+struct NodePair {
+    image: Arc<str>,
+    settings: Arc<PullSettings>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DesiredSet {
-    pub pairs: BTreeMap<PairKey, PullTarget>,
-    /// Targeted nodes (see [`desired_pulls`] for the exact rule).
-    pub nodes: BTreeSet<String>,
+    /// Targeted nodes (see [`desired_pulls`] for the exact rule), each with
+    /// its pairs sorted by image (possibly none). One entry per node rather
+    /// than one per pair: most of the memory of a big set was map overhead
+    /// and keys repeated per pair.
+    by_node: BTreeMap<Arc<str>, Box<[NodePair]>>,
+    /// Pairs over all nodes.
+    len: usize,
     /// Every valid canonical image of the workloads and extras, whether or
     /// not a node is targeted, so the status shows what was resolved.
     pub images: BTreeSet<String>,
@@ -93,9 +132,10 @@ pub fn tolerate_everything() -> Toleration {
 /// toleration of everything instead. When two sources give the same pair the
 /// first wins: workloads in the given order, then extras.
 ///
-/// `nodes` holds every node passing targeting that has or could have
-/// pairs: a workload allowed on it, or valid extra images allowed there;
-/// with neither workloads nor extra images, every targeted node.
+/// The targeted nodes ([`DesiredSet::nodes`]) are those passing targeting
+/// that have or could have pairs: a workload allowed on it, or valid extra
+/// images allowed there; with neither workloads nor extra images, every
+/// targeted node.
 pub fn desired_pulls(
     nodes: &[NodeView],
     workloads: &[WorkloadImages],
@@ -117,12 +157,10 @@ pub fn desired_pulls(
 /// A workload as planning needs it, its references normalised once.
 #[derive(Debug, Clone)]
 struct PlannedSource {
-    namespace: String,
-    image_pull_secrets: Vec<String>,
-    service_account: Option<String>,
+    settings: Arc<PullSettings>,
     scheduling: Option<SchedulingConstraints>,
-    tolerations: Vec<Toleration>,
-    images: Vec<String>,
+    /// Shared by every pair of the image (see the module's comment).
+    images: Vec<Arc<str>>,
 }
 
 /// One Prefetch's planning inputs, prepared once per spec or workload change
@@ -150,14 +188,20 @@ impl Planner {
         let mut images = BTreeSet::new();
         let mut invalid_images = Vec::new();
         let mut seen_invalid = BTreeSet::new();
+        // One allocation per distinct image, whichever sources name it.
+        let mut interned: BTreeMap<String, Arc<str>> = BTreeMap::new();
         let mut canonical = |raws: &[String]| {
-            let mut out: Vec<String> = Vec::new();
+            let mut out: Vec<Arc<str>> = Vec::new();
             for raw in raws {
                 match normalize(raw) {
                     Ok(image) => {
                         images.insert(image.clone());
-                        if !out.contains(&image) {
-                            out.push(image);
+                        let shared = interned
+                            .entry(image)
+                            .or_insert_with_key(|image| Arc::from(image.as_str()))
+                            .clone();
+                        if !out.contains(&shared) {
+                            out.push(shared);
                         }
                     }
                     Err(error) => {
@@ -179,11 +223,13 @@ impl Planner {
         let mut sources = Vec::new();
         for workload in workloads {
             sources.push(PlannedSource {
-                namespace: workload.namespace.clone(),
-                image_pull_secrets: workload.image_pull_secrets.clone(),
-                service_account: workload.service_account.clone(),
+                settings: Arc::new(PullSettings {
+                    namespace: workload.namespace.clone(),
+                    image_pull_secrets: workload.image_pull_secrets.clone(),
+                    service_account: workload.service_account.clone(),
+                    tolerations: tolerations_for(&workload.scheduling.tolerations),
+                }),
                 scheduling: respect_scheduling.then(|| workload.scheduling.clone()),
-                tolerations: tolerations_for(&workload.scheduling.tolerations),
                 images: canonical(&workload.images),
             });
         }
@@ -192,13 +238,16 @@ impl Planner {
         let has_extras = !extra_images.is_empty();
         if has_extras {
             sources.push(PlannedSource {
-                namespace: extra.namespace.clone(),
-                image_pull_secrets: extra.image_pull_secrets.clone(),
-                service_account: None,
+                settings: Arc::new(PullSettings {
+                    namespace: extra.namespace.clone(),
+                    image_pull_secrets: extra.image_pull_secrets.clone(),
+                    service_account: None,
+                    // The Prefetch's own images have no workload to follow:
+                    // its own tolerations decide which tainted nodes they go
+                    // to.
+                    tolerations: tolerations_for(&targeting.tolerations),
+                }),
                 scheduling: None,
-                // The Prefetch's own images have no workload to follow: its
-                // own tolerations decide which tainted nodes they go to.
-                tolerations: tolerations_for(&targeting.tolerations),
                 images: extra_images,
             });
         }
@@ -221,6 +270,7 @@ impl Planner {
         let mut any_allowed = false;
         let own_images_allowed = self.has_extras && self.targeting.allows_own_images(node);
         let workload_count = self.sources.len() - usize::from(self.has_extras);
+        let node_name: Arc<str> = Arc::from(node.name.as_str());
         let mut pairs: Vec<PullTarget> = Vec::new();
         for (index, source) in self.sources.iter().enumerate() {
             let allowed = if index >= workload_count {
@@ -241,12 +291,9 @@ impl Planner {
                     continue;
                 }
                 pairs.push(PullTarget {
-                    node: node.name.clone(),
+                    node: node_name.clone(),
                     image: image.clone(),
-                    namespace: source.namespace.clone(),
-                    image_pull_secrets: source.image_pull_secrets.clone(),
-                    service_account: source.service_account.clone(),
-                    tolerations: source.tolerations.clone(),
+                    settings: source.settings.clone(),
                 });
             }
         }
@@ -302,9 +349,8 @@ impl Planner {
         for node in nodes {
             let plan = self.plan_node(node);
             desired.replace_node(&node.name, plan);
-            if desired.pairs.len() > limit {
-                desired.pairs.clear();
-                desired.nodes.clear();
+            if desired.len() > limit {
+                desired.clear_pairs();
                 return (desired, Some(TooManyPairs { limit }));
             }
         }
@@ -327,33 +373,149 @@ impl DesiredSet {
     /// anything changed (most node events, image list updates of a node
     /// already served, change nothing here).
     pub fn replace_node(&mut self, node: &str, plan: Option<Vec<PullTarget>>) -> bool {
-        let stale: Vec<PairKey> = self.node_keys(node).cloned().collect();
-        let old: Vec<PullTarget> = stale
-            .iter()
-            .filter_map(|key| self.pairs.remove(key))
+        let old = self.by_node.remove_entry(node);
+        let old_len = old.as_ref().map_or(0, |(_, pairs)| pairs.len());
+        self.len -= old_len;
+        let Some(mut targets) = plan else {
+            return old.is_some();
+        };
+        // Keep the node's name allocation: the tracker's keys share it.
+        let name = match (&old, targets.first()) {
+            (Some((name, _)), _) => name.clone(),
+            (None, Some(first)) => first.node.clone(),
+            (None, None) => Arc::from(node),
+        };
+        targets.sort_by(|a, b| a.image.cmp(&b.image));
+        let pairs: Box<[NodePair]> = targets
+            .into_iter()
+            .map(|target| NodePair {
+                image: target.image,
+                settings: target.settings,
+            })
             .collect();
-        match plan {
-            Some(mut pairs) => {
-                let newly_targeted = self.nodes.insert(node.to_string());
-                // `old` is in key order (by image); compare alike.
-                pairs.sort_by(|a, b| a.image.cmp(&b.image));
-                let changed = newly_targeted || old != pairs;
-                for target in pairs {
-                    self.pairs.insert(target.key(), target);
-                }
-                changed
-            }
-            None => self.nodes.remove(node) || !old.is_empty(),
-        }
+        let changed = old.is_none_or(|(_, old)| old != pairs);
+        self.len += pairs.len();
+        self.by_node.insert(name, pairs);
+        changed
     }
 
-    /// The keys of one node's pairs (they are contiguous: keys sort by node).
-    pub fn node_keys<'a>(&'a self, node: &str) -> impl Iterator<Item = &'a PairKey> + 'a {
-        let node = node.to_string();
-        self.pairs
-            .range(PairKey::new(node.clone(), String::new())..)
-            .map(|(key, _)| key)
-            .take_while(move |key| key.node == node)
+    /// Adds one pair (its node becomes targeted), replacing the same pair.
+    /// Planning goes node by node ([`DesiredSet::replace_node`]); this is
+    /// for sets built by hand (tests, benchmarks).
+    pub fn insert(&mut self, target: PullTarget) {
+        let mut targets: Vec<PullTarget> = self
+            .node_targets(&target.node)
+            .filter(|old| old.image != target.image)
+            .collect();
+        let node = target.node.clone();
+        targets.push(target);
+        self.replace_node(&node, Some(targets));
+    }
+
+    /// Drops every pair and targeted node; the images stay resolved.
+    pub fn clear_pairs(&mut self) {
+        self.by_node.clear();
+        self.len = 0;
+    }
+
+    /// How many pairs.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn contains(&self, key: &PairKey) -> bool {
+        self.node_pair(key).is_some()
+    }
+
+    /// The pull of one pair, when desired.
+    pub fn target(&self, key: &PairKey) -> Option<PullTarget> {
+        let (node, pair) = self.node_pair(key)?;
+        Some(PullTarget {
+            node: node.clone(),
+            image: pair.image.clone(),
+            settings: pair.settings.clone(),
+        })
+    }
+
+    fn node_pair(&self, key: &PairKey) -> Option<(&Arc<str>, &NodePair)> {
+        let (node, pairs) = self.by_node.get_key_value(&*key.node)?;
+        let at = pairs
+            .binary_search_by(|pair| pair.image.cmp(&key.image))
+            .ok()?;
+        Some((node, pairs.get(at)?))
+    }
+
+    /// Every pair, by node then image.
+    pub fn keys(&self) -> impl Iterator<Item = PairKey> + '_ {
+        self.by_node.iter().flat_map(|(node, pairs)| {
+            pairs.iter().map(move |pair| PairKey {
+                node: node.clone(),
+                image: pair.image.clone(),
+            })
+        })
+    }
+
+    /// Every pair with its pull, by node then image.
+    pub fn targets(&self) -> impl Iterator<Item = PullTarget> + '_ {
+        self.by_node.iter().flat_map(|(node, pairs)| {
+            pairs.iter().map(move |pair| PullTarget {
+                node: node.clone(),
+                image: pair.image.clone(),
+                settings: pair.settings.clone(),
+            })
+        })
+    }
+
+    /// The keys of one node's pairs, by image.
+    pub fn node_keys<'a>(&'a self, node: &str) -> impl Iterator<Item = PairKey> + 'a {
+        self.node_targets(node).map(|target| target.key())
+    }
+
+    fn node_targets<'a>(&'a self, node: &str) -> impl Iterator<Item = PullTarget> + 'a {
+        self.by_node
+            .get_key_value(node)
+            .into_iter()
+            .flat_map(|(node, pairs)| {
+                pairs.iter().map(move |pair| PullTarget {
+                    node: node.clone(),
+                    image: pair.image.clone(),
+                    settings: pair.settings.clone(),
+                })
+            })
+    }
+
+    /// The images of one node's pairs, sorted.
+    pub fn node_images<'a>(
+        &'a self,
+        node: &str,
+    ) -> impl ExactSizeIterator<Item = &'a Arc<str>> + Clone + 'a {
+        self.by_node
+            .get(node)
+            .map_or(&[][..], |pairs| &pairs[..])
+            .iter()
+            .map(|pair| &pair.image)
+    }
+
+    /// The shared name of a targeted node.
+    pub fn node_name(&self, node: &str) -> Option<&Arc<str>> {
+        self.by_node.get_key_value(node).map(|(name, _)| name)
+    }
+
+    /// The targeted nodes (see [`desired_pulls`]), by name.
+    pub fn nodes(&self) -> impl Iterator<Item = &str> + '_ {
+        self.by_node.keys().map(|node| &**node)
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.by_node.len()
+    }
+
+    pub fn targets_node(&self, node: &str) -> bool {
+        self.by_node.contains_key(node)
     }
 }
 
@@ -408,9 +570,8 @@ mod tests {
 
     fn keys(desired: &DesiredSet) -> Vec<(String, String)> {
         desired
-            .pairs
             .keys()
-            .map(|key| (key.node.clone(), key.image.clone()))
+            .map(|key| (key.node.to_string(), key.image.to_string()))
             .collect()
     }
 
@@ -439,17 +600,19 @@ mod tests {
             vec![pair("kind-worker", nginx), pair("kind-worker2", nginx)]
         );
         assert_eq!(
-            desired.nodes,
-            BTreeSet::from(["kind-worker".to_string(), "kind-worker2".to_string()])
+            desired.nodes().collect::<Vec<_>>(),
+            vec!["kind-worker", "kind-worker2"]
         );
         assert_eq!(desired.images, BTreeSet::from([nginx.to_string()]));
         assert!(desired.invalid_images.is_empty());
 
-        let target = &desired.pairs[&PairKey::new("kind-worker", nginx)];
-        assert_eq!(target.namespace, "default");
-        assert_eq!(target.image_pull_secrets, vec!["nginx-secret"]);
-        assert_eq!(target.service_account.as_deref(), Some("nginx-sa"));
-        assert!(target.tolerations.is_empty());
+        let target = desired
+            .target(&PairKey::new("kind-worker", nginx))
+            .expect("desired");
+        assert_eq!(target.settings.namespace, "default");
+        assert_eq!(target.settings.image_pull_secrets, vec!["nginx-secret"]);
+        assert_eq!(target.settings.service_account.as_deref(), Some("nginx-sa"));
+        assert!(target.settings.tolerations.is_empty());
         assert_eq!(target.key(), PairKey::new("kind-worker", nginx));
     }
 
@@ -474,14 +637,14 @@ mod tests {
                 pair("worker-ssd", "docker.io/library/postgres:16"),
             ]
         );
-        assert_eq!(respected.nodes.len(), 2);
+        assert_eq!(respected.node_count(), 2);
 
         let ignored = desired_pulls(&nodes, &workloads, &no_extra(), &workers(), false, false);
-        assert_eq!(ignored.pairs.len(), 4);
+        assert_eq!(ignored.len(), 4);
 
         // A node no workload can use is not counted as targeted.
         let only_ssd = desired_pulls(&nodes, &[ssd_only], &no_extra(), &workers(), true, false);
-        assert_eq!(only_ssd.nodes, BTreeSet::from(["worker-ssd".to_string()]));
+        assert_eq!(only_ssd.nodes().collect::<Vec<_>>(), vec!["worker-ssd"]);
     }
 
     #[test]
@@ -497,17 +660,17 @@ mod tests {
         let workloads = [workload("apps", "web", &["nginx"])];
 
         let respected = desired_pulls(&nodes, &workloads, &no_extra(), &workers(), true, false);
-        assert_eq!(respected.pairs.len(), 1);
-        assert_eq!(respected.nodes, BTreeSet::from(["worker-1".to_string()]));
+        assert_eq!(respected.len(), 1);
+        assert_eq!(respected.nodes().collect::<Vec<_>>(), vec!["worker-1"]);
 
         // Tolerating all taints is about the pull pod, not about planning.
         let all = desired_pulls(&nodes, &workloads, &no_extra(), &workers(), true, true);
-        assert_eq!(all.pairs.len(), 1);
-        let target = all.pairs.values().next().expect("one pair");
-        assert_eq!(target.tolerations, vec![tolerate_everything()]);
+        assert_eq!(all.len(), 1);
+        let target = all.targets().next().expect("one pair");
+        assert_eq!(target.settings.tolerations, vec![tolerate_everything()]);
 
         let unrestricted = desired_pulls(&nodes, &workloads, &no_extra(), &workers(), false, true);
-        assert_eq!(unrestricted.pairs.len(), 2);
+        assert_eq!(unrestricted.len(), 2);
     }
 
     #[test]
@@ -526,8 +689,11 @@ mod tests {
             true,
             false,
         );
-        let target = desired.pairs.values().next().expect("one pair");
-        assert_eq!(target.tolerations, gpu_workload.scheduling.tolerations);
+        let target = desired.targets().next().expect("one pair");
+        assert_eq!(
+            target.settings.tolerations,
+            gpu_workload.scheduling.tolerations
+        );
     }
 
     #[test]
@@ -557,12 +723,14 @@ mod tests {
                 pair("worker-ssd", "docker.io/library/postgres:16"),
             ]
         );
-        let target = &desired.pairs[&PairKey::new("worker-hdd", busybox)];
-        assert_eq!(target.namespace, "pf-ns");
-        assert_eq!(target.image_pull_secrets, vec!["pf-secret"]);
-        assert_eq!(target.service_account, None);
-        assert_eq!(target.tolerations, vec![tolerate_everything()]);
-        assert_eq!(desired.nodes.len(), 2, "both workers have extras to pull");
+        let target = desired
+            .target(&PairKey::new("worker-hdd", busybox))
+            .expect("desired");
+        assert_eq!(target.settings.namespace, "pf-ns");
+        assert_eq!(target.settings.image_pull_secrets, vec!["pf-secret"]);
+        assert_eq!(target.settings.service_account, None);
+        assert_eq!(target.settings.tolerations, vec![tolerate_everything()]);
+        assert_eq!(desired.node_count(), 2, "both workers have extras to pull");
     }
 
     #[test]
@@ -577,10 +745,10 @@ mod tests {
             true,
             false,
         );
-        assert_eq!(desired.pairs.len(), 1);
-        let target = desired.pairs.values().next().expect("one pair");
-        assert_eq!(target.namespace, "team-a");
-        assert_eq!(target.service_account.as_deref(), Some("one-sa"));
+        assert_eq!(desired.len(), 1);
+        let target = desired.targets().next().expect("one pair");
+        assert_eq!(target.settings.namespace, "team-a");
+        assert_eq!(target.settings.service_account.as_deref(), Some("one-sa"));
 
         // Extras lose to workloads, whatever the order of declaration.
         let desired = desired_pulls(
@@ -591,8 +759,8 @@ mod tests {
             true,
             false,
         );
-        let target = desired.pairs.values().next().expect("one pair");
-        assert_eq!(target.namespace, "team-b");
+        let target = desired.targets().next().expect("one pair");
+        assert_eq!(target.settings.namespace, "team-b");
     }
 
     #[test]
@@ -633,8 +801,8 @@ mod tests {
 
         // No workloads and no extras: the node still counts as targeted.
         let nothing = desired_pulls(&nodes, &[], &no_extra(), &workers(), true, false);
-        assert!(nothing.pairs.is_empty());
-        assert_eq!(nothing.nodes, BTreeSet::from(["worker-1".to_string()]));
+        assert!(nothing.is_empty());
+        assert_eq!(nothing.nodes().collect::<Vec<_>>(), vec!["worker-1"]);
         assert!(nothing.images.is_empty());
 
         // Images are resolved even when no node is targeted.
@@ -646,8 +814,8 @@ mod tests {
             true,
             false,
         );
-        assert!(no_nodes.pairs.is_empty());
-        assert!(no_nodes.nodes.is_empty());
+        assert!(no_nodes.is_empty());
+        assert!(no_nodes.nodes().next().is_none());
         assert_eq!(
             no_nodes.images,
             BTreeSet::from(["docker.io/library/nginx:latest".to_string()])
@@ -729,7 +897,7 @@ mod tests {
         assert_eq!(
             desired
                 .node_keys("worker1")
-                .map(|key| key.image.as_str())
+                .map(|key| key.image.to_string())
                 .collect::<Vec<_>>(),
             vec![
                 "docker.io/library/busybox:1.36",
@@ -741,13 +909,74 @@ mod tests {
         nodes[1].ready = false;
         desired.replace_node("worker2", planner.plan_node(&nodes[1]));
         assert_eq!(desired, whole(&nodes));
-        assert!(!desired.nodes.contains("worker2"));
+        assert!(!desired.targets_node("worker2"));
 
         // Deleted.
         nodes.remove(2);
         desired.replace_node("worker3", None);
         assert_eq!(desired, whole(&nodes));
         assert_eq!(desired.node_keys("worker3").count(), 0);
+    }
+
+    /// A pair owns no string: a node's pairs share its name, an image's
+    /// pairs its name, a source's pairs its pull settings.
+    #[test]
+    fn pairs_share_names_and_settings() {
+        let desired = desired_pulls(
+            &[node("worker-1", &[]), node("worker-2", &[])],
+            &[workload("apps", "web", &["nginx:1", "redis:7"])],
+            &no_extra(),
+            &workers(),
+            true,
+            false,
+        );
+        let targets: Vec<PullTarget> = desired.targets().collect();
+        assert_eq!(targets.len(), 4);
+        let [a1, a2, b1, _] = &targets[..] else {
+            panic!("four pairs: {targets:?}");
+        };
+        assert!(Arc::ptr_eq(&a1.node, &a2.node), "one name per node");
+        assert!(Arc::ptr_eq(&a1.image, &b1.image), "one name per image");
+        assert!(
+            targets
+                .iter()
+                .all(|target| Arc::ptr_eq(&target.settings, &a1.settings)),
+            "one settings per source"
+        );
+        assert_eq!(desired.node_name("worker-1"), Some(&a1.node));
+    }
+
+    /// A desired pair under its node is two pointers and a length.
+    #[test]
+    fn a_desired_pair_stays_small() {
+        assert_eq!(std::mem::size_of::<NodePair>(), 24);
+    }
+
+    #[test]
+    fn hand_built_sets_count_pairs_and_nodes() {
+        let settings = Arc::new(PullSettings::default());
+        let mut desired = DesiredSet::default();
+        desired.insert(PullTarget::new("n2", "b", settings.clone()));
+        desired.insert(PullTarget::new("n1", "b", settings.clone()));
+        desired.insert(PullTarget::new("n1", "a", settings.clone()));
+        desired.insert(PullTarget::new("n1", "a", settings.clone()));
+        assert_eq!((desired.len(), desired.node_count()), (3, 2));
+        assert_eq!(
+            keys(&desired),
+            vec![pair("n1", "a"), pair("n1", "b"), pair("n2", "b")]
+        );
+        assert!(desired.contains(&PairKey::new("n1", "b")));
+        assert!(!desired.contains(&PairKey::new("n2", "a")));
+        assert_eq!(desired.target(&PairKey::new("n3", "a")), None);
+        // A targeted node without pairs still counts as targeted.
+        assert!(
+            desired.replace_node("n1", Some(vec![])),
+            "its pairs dropped"
+        );
+        assert!(desired.targets_node("n1"));
+        assert_eq!((desired.len(), desired.node_count()), (1, 2));
+        desired.clear_pairs();
+        assert!(desired.is_empty() && desired.node_count() == 0);
     }
 
     #[test]
@@ -765,11 +994,11 @@ mod tests {
             node("worker3", &[]),
         ];
         let (within, none) = planner.plan_within(nodes.iter(), 6);
-        assert_eq!((within.pairs.len(), none), (6, None));
+        assert_eq!((within.len(), none), (6, None));
         assert_eq!(within, planner.plan(nodes.iter()));
 
         let (over, too_many) = planner.plan_within(nodes.iter(), 5);
-        assert!(over.pairs.is_empty() && over.nodes.is_empty());
+        assert!(over.is_empty() && over.nodes().next().is_none());
         assert_eq!(over.images.len(), 2, "images still resolved for the status");
         assert_eq!(
             too_many.map(|too_many| too_many.to_string()).as_deref(),

@@ -189,8 +189,8 @@ pub fn pull_pod_labels(
 pub fn build_pull_pod(params: &PullPodParams) -> Pod {
     let target = params.target;
     let annotations = BTreeMap::from([
-        (NODE_ANNOTATION.to_string(), target.node.clone()),
-        (IMAGE_ANNOTATION.to_string(), target.image.clone()),
+        (NODE_ANNOTATION.to_string(), target.node.to_string()),
+        (IMAGE_ANNOTATION.to_string(), target.image.to_string()),
     ]);
     let metadata = ObjectMeta {
         name: Some(pull_pod_name(
@@ -198,7 +198,7 @@ pub fn build_pull_pod(params: &PullPodParams) -> Pod {
             &target.node,
             &target.image,
         )),
-        namespace: Some(target.namespace.clone()),
+        namespace: Some(target.settings.namespace.clone()),
         labels: Some(pull_pod_labels(
             params.prefetch_namespace,
             params.prefetch_name,
@@ -210,7 +210,7 @@ pub fn build_pull_pod(params: &PullPodParams) -> Pod {
 
     let mut pull = Container {
         name: PULL_CONTAINER.to_string(),
-        image: Some(target.image.clone()),
+        image: Some(target.image.to_string()),
         image_pull_policy: Some("IfNotPresent".to_string()),
         command: Some(vec![DIRECT_PULL_COMMAND.to_string()]),
         resources: Some(tiny_resources()),
@@ -242,7 +242,7 @@ pub fn build_pull_pod(params: &PullPodParams) -> Pod {
     let spec = PodSpec {
         // Set directly: no scheduler round trip, and the pod lands exactly
         // on the node whose cache we want to fill.
-        node_name: Some(target.node.clone()),
+        node_name: Some(target.node.to_string()),
         restart_policy: Some("Never".to_string()),
         active_deadline_seconds: Some(params.timeout_seconds),
         termination_grace_period_seconds: Some(0),
@@ -250,13 +250,14 @@ pub fn build_pull_pod(params: &PullPodParams) -> Pod {
         enable_service_links: Some(false),
         image_pull_secrets: non_empty(
             target
+                .settings
                 .image_pull_secrets
                 .iter()
                 .map(|name| LocalObjectReference { name: name.clone() })
                 .collect(),
         ),
-        service_account_name: target.service_account.clone(),
-        tolerations: non_empty(target.tolerations.clone()),
+        service_account_name: target.settings.service_account.clone(),
+        tolerations: non_empty(target.settings.tolerations.clone()),
         priority_class_name: params.priority_class.map(str::to_string),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),
@@ -394,7 +395,7 @@ pub fn check_own_pull_pod(
         .as_ref()
         .and_then(|spec| spec.node_name.as_deref())
         .unwrap_or_default();
-    if node != key.node {
+    if node != &*key.node {
         return Err(format!(
             "it is bound to node {node:?}, not to {:?} as its annotation says",
             key.node
@@ -412,19 +413,21 @@ pub fn check_own_pull_pod(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pull::plan::tolerate_everything;
+    use crate::pull::plan::{PullSettings, tolerate_everything};
 
     const UID: &str = "0b7e4f3c-2a51-4d0e-9c1b-6f8a2d3e4b5c";
 
     fn target() -> PullTarget {
-        PullTarget {
-            node: "kind-worker".into(),
-            image: "docker.io/library/nginx:1.7.9".into(),
-            namespace: "apps".into(),
-            image_pull_secrets: vec!["regcred".into()],
-            service_account: Some("web".into()),
-            tolerations: vec![tolerate_everything()],
-        }
+        PullTarget::new(
+            "kind-worker",
+            "docker.io/library/nginx:1.7.9",
+            PullSettings {
+                namespace: "apps".into(),
+                image_pull_secrets: vec!["regcred".into()],
+                service_account: Some("web".into()),
+                tolerations: vec![tolerate_everything()],
+            },
+        )
     }
 
     fn build(target: &PullTarget, name: &str, priority: Option<&str>) -> Pod {
@@ -651,7 +654,7 @@ mod tests {
             panic!("one container expected: {:?}", spec.containers);
         };
         assert_eq!(pull.name, PULL_CONTAINER);
-        assert_eq!(pull.image.as_deref(), Some(target.image.as_str()));
+        assert_eq!(pull.image.as_deref(), Some(&*target.image));
         assert_eq!(
             pull.command.as_deref(),
             Some([DIRECT_PULL_COMMAND.to_string()].as_slice())
@@ -674,9 +677,10 @@ mod tests {
     #[test]
     fn optional_fields_are_omitted() {
         let bare = PullTarget {
-            image_pull_secrets: vec![],
-            service_account: None,
-            tolerations: vec![],
+            settings: std::sync::Arc::new(PullSettings {
+                namespace: "apps".into(),
+                ..PullSettings::default()
+            }),
             ..target()
         };
         let spec = build(&bare, "p", None).spec.expect("spec");

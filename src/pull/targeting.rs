@@ -58,9 +58,9 @@ pub struct NodeView {
     pub taints: Vec<Taint>,
     pub ready: bool,
     pub unschedulable: bool,
-    /// Every name of every image the kubelet reports (`status.images[].names`).
-    pub image_names: Vec<String>,
-    /// The same, parsed once for lookups.
+    /// Every name of every image the kubelet reports
+    /// (`status.images[].names`), parsed once for lookups; the names
+    /// themselves are not kept (see [`NodeImages`] on memory).
     pub images: NodeImages,
 }
 
@@ -88,7 +88,6 @@ impl NodeView {
             ready,
             unschedulable: spec.and_then(|spec| spec.unschedulable).unwrap_or(false),
             images: NodeImages::from_names(&image_names),
-            image_names,
         }
     }
 }
@@ -448,14 +447,15 @@ mod tests {
         assert_eq!(view.taints.len(), 1);
         assert!(view.ready);
         assert!(view.unschedulable);
-        assert_eq!(
-            view.image_names,
-            vec![
-                "nginx:1.7.9",
-                "nginx@sha256:abc",
-                "registry.k8s.io/pause:3.10"
-            ]
-        );
+        // `nginx@sha256:abc` is no valid digest: ignored.
+        assert_eq!(view.images.len(), 2);
+        for image in [
+            "docker.io/library/nginx:1.7.9",
+            "registry.k8s.io/pause:3.10",
+        ] {
+            assert!(view.images.contains(image), "{image}");
+        }
+        assert!(!view.images.contains("docker.io/library/nginx:1.8"));
     }
 
     #[test]
@@ -604,11 +604,11 @@ mod tests {
         let planned = |targeting: &NodeTargeting, tolerate_all: bool| {
             let desired = desired_pulls(&nodes, &[], &images, targeting, true, tolerate_all);
             let pairs: Vec<(String, Vec<Toleration>)> = desired
-                .pairs
-                .values()
-                .map(|target| (target.node.clone(), target.tolerations.clone()))
+                .targets()
+                .map(|target| (target.node.to_string(), target.settings.tolerations.clone()))
                 .collect();
-            (pairs, desired.nodes.into_iter().collect::<Vec<_>>())
+            let targeted: Vec<String> = desired.nodes().map(str::to_string).collect();
+            (pairs, targeted)
         };
 
         let (pairs, targeted) = planned(&NodeTargeting::default(), false);

@@ -14,6 +14,7 @@
 //! Nothing here reads a clock: every call takes `now`, so tests are exact.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -157,69 +158,122 @@ struct LastFailure {
     sequence: u64,
 }
 
+/// The pod of an in-flight pair (see [`PairStatus::InFlight`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct InFlightPod {
+    pod: String,
+    uid: Option<String>,
+    since: Instant,
+}
+
+/// [`PairStatus`] as the tracker keeps it: the in-flight pod is boxed, as
+/// few pairs are in flight at once, so that every pair stays small.
+#[derive(Debug, Clone)]
+enum State {
+    Idle,
+    InFlight(Box<InFlightPod>),
+    BackingOff { until: Instant },
+    Satisfied { at: Instant },
+    Failed { at: Instant },
+}
+
+impl State {
+    fn public(&self) -> PairStatus {
+        match self {
+            State::Idle => PairStatus::Idle,
+            State::InFlight(flight) => PairStatus::InFlight {
+                pod: flight.pod.clone(),
+                uid: flight.uid.clone(),
+                since: flight.since,
+            },
+            State::BackingOff { until } => PairStatus::BackingOff { until: *until },
+            State::Satisfied { at } => PairStatus::Satisfied { at: *at },
+            State::Failed { at } => PairStatus::Failed { at: *at },
+        }
+    }
+}
+
+/// One pair: 40 bytes, with its failure (rare) boxed.
 #[derive(Debug, Clone)]
 struct Pair {
-    status: PairStatus,
+    state: State,
     /// Consecutive failures in the current round.
     attempts: u32,
-    last_failure: Option<LastFailure>,
     /// The pair was satisfied and is being checked again (`retry_after`
     /// elapsed): the image was on the node, so until the check fails it
     /// still counts as ready, and the phase stays READY.
     reverifying: bool,
+    last_failure: Option<Box<LastFailure>>,
 }
 
 impl Pair {
     fn idle() -> Self {
         Pair {
-            status: PairStatus::Idle,
+            state: State::Idle,
             attempts: 0,
-            last_failure: None,
             reverifying: false,
+            last_failure: None,
         }
     }
 
     fn satisfy(&mut self, now: Instant) {
-        self.status = PairStatus::Satisfied { at: now };
+        self.state = State::Satisfied { at: now };
         self.attempts = 0;
         self.last_failure = None;
         self.reverifying = false;
     }
 
+    fn in_flight(&self) -> Option<&InFlightPod> {
+        match &self.state {
+            State::InFlight(flight) => Some(flight),
+            _ => None,
+        }
+    }
+
     /// Counts as on its node: satisfied, or its re-verification has not
     /// failed (yet).
     fn is_ready(&self) -> bool {
-        match self.status {
-            PairStatus::Satisfied { .. } => true,
-            PairStatus::InFlight { .. } | PairStatus::Idle => self.reverifying,
-            PairStatus::BackingOff { .. } | PairStatus::Failed { .. } => false,
+        match self.state {
+            State::Satisfied { .. } => true,
+            State::InFlight(_) | State::Idle => self.reverifying,
+            State::BackingOff { .. } | State::Failed { .. } => false,
         }
     }
 
     /// When a waiting pair becomes due again; `None` for Idle (due already)
     /// and InFlight (waits for its pod, not for time).
     fn due_at(&self, retry_after: Duration) -> Option<Instant> {
-        match &self.status {
-            PairStatus::Idle | PairStatus::InFlight { .. } => None,
-            PairStatus::BackingOff { until } => Some(*until),
-            PairStatus::Satisfied { at } | PairStatus::Failed { at } => at.checked_add(retry_after),
+        match &self.state {
+            State::Idle | State::InFlight(_) => None,
+            State::BackingOff { until } => Some(*until),
+            State::Satisfied { at } | State::Failed { at } => at.checked_add(retry_after),
         }
     }
 
     fn is_due(&self, now: Instant, retry_after: Duration) -> bool {
-        matches!(self.status, PairStatus::Idle)
-            || self.due_at(retry_after).is_some_and(|at| at <= now)
+        matches!(self.state, State::Idle) || self.due_at(retry_after).is_some_and(|at| at <= now)
     }
+}
+
+/// One pair under its node.
+#[derive(Debug, Clone)]
+struct Tracked {
+    image: Arc<str>,
+    pair: Pair,
 }
 
 /// All pairs of one Prefetch.
 #[derive(Debug, Clone)]
 pub struct Tracker {
     policy: BackoffPolicy,
-    pairs: BTreeMap<PairKey, Pair>,
-    /// In-flight pods (name, uid, dispatch time) whose pair is no longer
-    /// desired, waiting to be deleted.
-    orphans: BTreeMap<PairKey, (String, Option<String>, Instant)>,
+    /// By node, each node's pairs sorted by image (never empty). Node and
+    /// image names are the desired set's `Arc`s: a pair owns no string.
+    pairs: BTreeMap<Arc<str>, Box<[Tracked]>>,
+    /// Pairs over all nodes.
+    len: usize,
+    /// In-flight pods whose pair is no longer desired, waiting to be
+    /// deleted.
+    orphans: BTreeMap<PairKey, InFlightPod>,
     desired_ever_set: bool,
     failure_sequence: u64,
 }
@@ -229,6 +283,7 @@ impl Tracker {
         Tracker {
             policy,
             pairs: BTreeMap::new(),
+            len: 0,
             orphans: BTreeMap::new(),
             desired_ever_set: false,
             failure_sequence: 0,
@@ -245,17 +300,17 @@ impl Tracker {
     /// comes back before its orphan was collected takes its pod back.
     pub fn set_desired(&mut self, desired: &DesiredSet) {
         self.desired_ever_set = true;
-        let dropped: Vec<PairKey> = self
+        let gone: Vec<Arc<str>> = self
             .pairs
             .keys()
-            .filter(|key| !desired.pairs.contains_key(*key))
+            .filter(|node| !desired.targets_node(node))
             .cloned()
             .collect();
-        for key in dropped {
-            self.drop_pair(&key);
+        for node in gone {
+            self.update_node(&node, desired);
         }
-        for key in desired.pairs.keys() {
-            self.add_pair(key);
+        for node in desired.nodes() {
+            self.update_node(node, desired);
         }
     }
 
@@ -263,81 +318,151 @@ impl Tracker {
     /// node event costs is that node's pairs, not the whole set.
     pub fn set_node_desired(&mut self, node: &str, desired: &DesiredSet) {
         self.desired_ever_set = true;
-        let dropped: Vec<PairKey> = self
-            .pairs
-            .range(PairKey::new(node, "")..)
-            .map(|(key, _)| key)
-            .take_while(|key| key.node == node)
-            .filter(|key| !desired.pairs.contains_key(*key))
-            .cloned()
-            .collect();
-        for key in dropped {
-            self.drop_pair(&key);
-        }
-        for key in desired.node_keys(node) {
-            self.add_pair(key);
-        }
+        self.update_node(node, desired);
     }
 
-    fn drop_pair(&mut self, key: &PairKey) {
-        if let Some(pair) = self.pairs.remove(key)
-            && let PairStatus::InFlight { pod, uid, since } = pair.status
-        {
-            self.orphans.insert(key.clone(), (pod, uid, since));
-        }
-    }
-
-    /// A new pair starts Idle; a kept pair keeps its state.
-    fn add_pair(&mut self, key: &PairKey) {
-        if self.pairs.contains_key(key) {
+    /// Brings the pairs of `node` in line with `desired`'s.
+    fn update_node(&mut self, node: &str, desired: &DesiredSet) {
+        let wanted = desired.node_images(node);
+        let unchanged = match self.pairs.get(node) {
+            Some(old) => old.iter().map(|tracked| &tracked.image).eq(wanted.clone()),
+            None => wanted.len() == 0,
+        };
+        if unchanged {
+            // The usual replan: nothing to allocate or move.
             return;
         }
-        let mut pair = Pair::idle();
-        if let Some((pod, uid, since)) = self.orphans.remove(key) {
-            // The pod still pulls what we want again: keep it.
-            pair.status = PairStatus::InFlight { pod, uid, since };
+        let (old_name, old) = match self.pairs.remove_entry(node) {
+            Some((name, old)) => {
+                self.len -= old.len();
+                (Some(name), Vec::from(old))
+            }
+            None => (None, Vec::new()),
+        };
+        let mut old = old.into_iter().peekable();
+        let mut pairs: Vec<Tracked> = Vec::with_capacity(wanted.len());
+        // Both sides are sorted by image: one merge keeps, starts and
+        // forgets pairs.
+        if let Some(name) = desired.node_name(node) {
+            for image in wanted {
+                while let Some(stale) = old.next_if(|tracked| tracked.image < *image) {
+                    self.forget(old_name.as_ref(), stale);
+                }
+                match old.next_if(|tracked| tracked.image == *image) {
+                    Some(kept) => pairs.push(kept),
+                    None => pairs.push(self.start(name, image)),
+                }
+            }
+            if !pairs.is_empty() {
+                self.len += pairs.len();
+                self.pairs.insert(name.clone(), pairs.into_boxed_slice());
+            }
         }
-        self.pairs.insert(key.clone(), pair);
+        for stale in old {
+            self.forget(old_name.as_ref(), stale);
+        }
+    }
+
+    /// A pair no longer desired: its in-flight pod becomes an orphan.
+    fn forget(&mut self, node: Option<&Arc<str>>, tracked: Tracked) {
+        if let (Some(node), State::InFlight(flight)) = (node, tracked.pair.state) {
+            let key = PairKey {
+                node: node.clone(),
+                image: tracked.image,
+            };
+            self.orphans.insert(key, *flight);
+        }
+    }
+
+    /// A new pair starts Idle, or takes back its orphaned pod: that pod
+    /// still pulls what we want again.
+    fn start(&mut self, node: &Arc<str>, image: &Arc<str>) -> Tracked {
+        let key = PairKey {
+            node: node.clone(),
+            image: image.clone(),
+        };
+        let mut pair = Pair::idle();
+        if let Some(flight) = self.orphans.remove(&key) {
+            pair.state = State::InFlight(Box::new(flight));
+        }
+        Tracked {
+            image: key.image,
+            pair,
+        }
+    }
+
+    fn get(&self, key: &PairKey) -> Option<&Pair> {
+        let pairs = self.pairs.get(&*key.node)?;
+        let at = pairs
+            .binary_search_by(|tracked| tracked.image.cmp(&key.image))
+            .ok()?;
+        pairs.get(at).map(|tracked| &tracked.pair)
+    }
+
+    fn get_mut(&mut self, key: &PairKey) -> Option<&mut Pair> {
+        let pairs = self.pairs.get_mut(&*key.node)?;
+        let at = pairs
+            .binary_search_by(|tracked| tracked.image.cmp(&key.image))
+            .ok()?;
+        pairs.get_mut(at).map(|tracked| &mut tracked.pair)
+    }
+
+    /// Every pair with its key's parts, by node then image.
+    fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &Arc<str>, &Pair)> + '_ {
+        self.pairs.iter().flat_map(|(node, pairs)| {
+            pairs
+                .iter()
+                .map(move |tracked| (node, &tracked.image, &tracked.pair))
+        })
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Pair> + '_ {
+        self.pairs
+            .values()
+            .flat_map(|pairs| pairs.iter().map(|tracked| &tracked.pair))
     }
 
     /// Whether `key` is desired.
     pub fn contains(&self, key: &PairKey) -> bool {
-        self.pairs.contains_key(key)
+        self.get(key).is_some()
     }
 
-    pub fn status(&self, key: &PairKey) -> Option<&PairStatus> {
-        self.pairs.get(key).map(|pair| &pair.status)
+    pub fn status(&self, key: &PairKey) -> Option<PairStatus> {
+        self.get(key).map(|pair| pair.state.public())
+    }
+
+    /// When `key` was last satisfied, if it is now.
+    pub fn satisfied_at(&self, key: &PairKey) -> Option<Instant> {
+        match self.get(key)?.state {
+            State::Satisfied { at } => Some(at),
+            _ => None,
+        }
     }
 
     /// What the drill-down shows of `key` at `now` (`None`: not desired).
     pub fn view(&self, key: &PairKey, now: Instant, retry_after: Duration) -> Option<PairView> {
-        let pair = self.pairs.get(key)?;
+        let pair = self.get(key)?;
         let due_in = seconds_until(now, pair.due_at(retry_after));
-        let failure = pair.last_failure.as_ref();
-        Some(match &pair.status {
-            PairStatus::Idle | PairStatus::InFlight { .. } if pair.reverifying => {
-                PairView::Reverifying {
-                    pod: match &pair.status {
-                        PairStatus::InFlight { pod, .. } => Some(pod.clone()),
-                        _ => None,
-                    },
-                }
-            }
-            PairStatus::Idle => PairView::Pending,
-            PairStatus::InFlight { pod, since, .. } => PairView::InFlight {
-                pod: pod.clone(),
-                for_seconds: now.saturating_duration_since(*since).as_secs(),
+        let failure = pair.last_failure.as_deref();
+        Some(match &pair.state {
+            State::Idle | State::InFlight(_) if pair.reverifying => PairView::Reverifying {
+                pod: pair.in_flight().map(|flight| flight.pod.clone()),
             },
-            PairStatus::Satisfied { .. } => PairView::Ready {
+            State::Idle => PairView::Pending,
+            State::InFlight(flight) => PairView::InFlight {
+                pod: flight.pod.clone(),
+                for_seconds: now.saturating_duration_since(flight.since).as_secs(),
+            },
+            State::Satisfied { .. } => PairView::Ready {
                 recheck_in_seconds: due_in,
             },
-            PairStatus::BackingOff { .. } => PairView::BackingOff {
+            State::BackingOff { .. } => PairView::BackingOff {
                 retry_in_seconds: due_in,
                 attempts: pair.attempts,
                 reason: failure.map(|failure| failure.reason.clone()),
                 last_error: failure.map(|failure| failure.message.clone()),
             },
-            PairStatus::Failed { .. } => PairView::Failed {
+            State::Failed { .. } => PairView::Failed {
                 reason: failure.map_or_else(String::new, |failure| failure.reason.clone()),
                 attempts: pair.attempts,
                 permanent: failure.is_some_and(|failure| failure.permanent),
@@ -349,7 +474,7 @@ impl Tracker {
 
     /// Consecutive failures of the current round (0 when unknown).
     pub fn attempts(&self, key: &PairKey) -> u32 {
-        self.pairs.get(key).map_or(0, |pair| pair.attempts)
+        self.get(key).map_or(0, |pair| pair.attempts)
     }
 
     /// The node lists the image: satisfied without a pull. An in-flight
@@ -357,9 +482,9 @@ impl Tracker {
     /// Returns whether the pair was not satisfied before (a change anyone
     /// cares about; refreshing a satisfied pair only moves its next check).
     pub fn node_reports_image(&mut self, key: &PairKey, now: Instant) -> bool {
-        match self.pairs.get_mut(key) {
-            Some(pair) if !matches!(pair.status, PairStatus::InFlight { .. }) => {
-                let newly = !matches!(pair.status, PairStatus::Satisfied { .. });
+        match self.get_mut(key) {
+            Some(pair) if !matches!(pair.state, State::InFlight(_)) => {
+                let newly = !matches!(pair.state, State::Satisfied { .. });
                 pair.satisfy(now);
                 newly
             }
@@ -370,8 +495,8 @@ impl Tracker {
     /// A pair not started yet was verified at `at` by an earlier process
     /// (see `crate::pull::verified`). Returns whether it was taken.
     pub fn restore_verified(&mut self, key: &PairKey, at: Instant) -> bool {
-        match self.pairs.get_mut(key) {
-            Some(pair) if matches!(pair.status, PairStatus::Idle) => {
+        match self.get_mut(key) {
+            Some(pair) if matches!(pair.state, State::Idle) => {
                 pair.satisfy(at);
                 true
             }
@@ -383,23 +508,23 @@ impl Tracker {
     /// Failed begins a new round at attempt 0. A pod for an undesired pair
     /// is recorded as an orphan, so that it gets deleted.
     pub fn on_dispatched(&mut self, key: &PairKey, pod_name: &str, now: Instant) {
-        match self.pairs.get_mut(key) {
+        let flight = InFlightPod {
+            pod: pod_name.to_string(),
+            uid: None,
+            since: now,
+        };
+        match self.get_mut(key) {
             Some(pair) => {
-                if matches!(pair.status, PairStatus::Failed { .. }) {
+                if matches!(pair.state, State::Failed { .. }) {
                     pair.attempts = 0;
                 }
-                if matches!(pair.status, PairStatus::Satisfied { .. }) {
+                if matches!(pair.state, State::Satisfied { .. }) {
                     pair.reverifying = true;
                 }
-                pair.status = PairStatus::InFlight {
-                    pod: pod_name.to_string(),
-                    uid: None,
-                    since: now,
-                };
+                pair.state = State::InFlight(Box::new(flight));
             }
             None => {
-                self.orphans
-                    .insert(key.clone(), (pod_name.to_string(), None, now));
+                self.orphans.insert(key.clone(), flight);
             }
         }
     }
@@ -414,12 +539,12 @@ impl Tracker {
     /// Learns the uid of the in-flight pod `pod_name` of `key`, if not
     /// known yet; a different pod of that name is not bound.
     pub fn bind_uid(&mut self, key: &PairKey, pod_name: &str, pod_uid: &str) {
-        if let Some(pair) = self.pairs.get_mut(key)
-            && let PairStatus::InFlight { pod, uid, .. } = &mut pair.status
-            && pod == pod_name
-            && uid.is_none()
+        if let Some(pair) = self.get_mut(key)
+            && let State::InFlight(flight) = &mut pair.state
+            && flight.pod == pod_name
+            && flight.uid.is_none()
         {
-            *uid = Some(pod_uid.to_string());
+            flight.uid = Some(pod_uid.to_string());
         }
     }
 
@@ -427,26 +552,22 @@ impl Tracker {
     /// `key`. Until its uid is known, any pod of that name is (the caller
     /// skips pods it already judged); then only that one.
     pub fn is_current_pod(&self, key: &PairKey, pod_name: &str, pod_uid: &str) -> bool {
-        matches!(
-            self.pairs.get(key).map(|pair| &pair.status),
-            Some(PairStatus::InFlight { pod, uid, .. })
-                if pod == pod_name && uid.as_deref().is_none_or(|uid| uid == pod_uid)
-        )
+        self.get(key)
+            .and_then(Pair::in_flight)
+            .is_some_and(|flight| {
+                flight.pod == pod_name && flight.uid.as_deref().is_none_or(|uid| uid == pod_uid)
+            })
     }
 
     /// Whether `key` needs a pull now (see [`Tracker::due`]).
     pub fn is_due(&self, key: &PairKey, now: Instant, retry_after: Duration) -> bool {
-        self.pairs
-            .get(key)
+        self.get(key)
             .is_some_and(|pair| pair.is_due(now, retry_after))
     }
 
     /// The uid of the in-flight pod of `key`, once known.
     pub fn in_flight_uid(&self, key: &PairKey) -> Option<&str> {
-        match self.pairs.get(key).map(|pair| &pair.status) {
-            Some(PairStatus::InFlight { uid, .. }) => uid.as_deref(),
-            _ => None,
-        }
+        self.get(key)?.in_flight()?.uid.as_deref()
     }
 
     /// Creating the pod failed for a reason that says nothing about the
@@ -454,10 +575,10 @@ impl Tracker {
     /// deleted), or the API server was unavailable. Try again after `delay`,
     /// without counting an attempt.
     pub fn on_create_conflict(&mut self, key: &PairKey, now: Instant, delay: Duration) {
-        if let Some(pair) = self.pairs.get_mut(key)
-            && matches!(pair.status, PairStatus::InFlight { .. })
+        if let Some(pair) = self.get_mut(key)
+            && matches!(pair.state, State::InFlight(_))
         {
-            pair.status = PairStatus::BackingOff {
+            pair.state = State::BackingOff {
                 until: now.checked_add(delay).unwrap_or(now),
             };
         }
@@ -468,7 +589,9 @@ impl Tracker {
     /// for one failed pod are not counted as several attempts.
     pub fn on_outcome(&mut self, key: &PairKey, outcome: Outcome, now: Instant) {
         self.orphans.remove(key);
-        let Some(pair) = self.pairs.get_mut(key) else {
+        let policy = self.policy.clone();
+        let sequence = self.failure_sequence + 1;
+        let Some(pair) = self.get_mut(key) else {
             return;
         };
         match outcome {
@@ -478,29 +601,29 @@ impl Tracker {
                 message,
                 permanent,
             } => {
-                if !matches!(pair.status, PairStatus::InFlight { .. }) {
+                if !matches!(pair.state, State::InFlight(_)) {
                     return;
                 }
                 // A failed re-verification is a failure like any other.
                 pair.reverifying = false;
                 pair.attempts = pair.attempts.saturating_add(1);
-                let exhausted = permanent || pair.attempts >= self.policy.max_attempts;
-                pair.status = if exhausted {
-                    PairStatus::Failed { at: now }
+                let exhausted = permanent || pair.attempts >= policy.max_attempts;
+                pair.state = if exhausted {
+                    State::Failed { at: now }
                 } else {
-                    let delay = self.policy.delay_after(pair.attempts);
-                    PairStatus::BackingOff {
+                    let delay = policy.delay_after(pair.attempts);
+                    State::BackingOff {
                         until: now.checked_add(delay).unwrap_or(now),
                     }
                 };
-                self.failure_sequence += 1;
-                pair.last_failure = Some(LastFailure {
+                pair.last_failure = Some(Box::new(LastFailure {
                     reason,
                     message,
                     permanent,
                     attempts: pair.attempts,
-                    sequence: self.failure_sequence,
-                });
+                    sequence,
+                }));
+                self.failure_sequence = sequence;
             }
         }
     }
@@ -509,10 +632,10 @@ impl Tracker {
     /// without counting an attempt (nothing was learnt about the image).
     pub fn on_pod_vanished(&mut self, key: &PairKey, _now: Instant) {
         self.orphans.remove(key);
-        if let Some(pair) = self.pairs.get_mut(key)
-            && matches!(pair.status, PairStatus::InFlight { .. })
+        if let Some(pair) = self.get_mut(key)
+            && matches!(pair.state, State::InFlight(_))
         {
-            pair.status = PairStatus::Idle;
+            pair.state = State::Idle;
         }
     }
 
@@ -524,26 +647,33 @@ impl Tracker {
     /// image: (n1,i1), (n2,i1), (n1,i2), (n2,i2), ... so a dispatch cap
     /// spreads pulls across nodes instead of serving one node entirely first.
     pub fn due(&self, now: Instant, retry_after: Duration) -> Vec<PairKey> {
-        let mut by_node: BTreeMap<&str, Vec<&PairKey>> = BTreeMap::new();
-        for (key, pair) in &self.pairs {
-            if pair.is_due(now, retry_after) {
-                by_node.entry(key.node.as_str()).or_default().push(key);
+        let mut queues: Vec<(&Arc<str>, Vec<&Arc<str>>)> = Vec::new();
+        for (node, pairs) in &self.pairs {
+            let due: Vec<&Arc<str>> = pairs
+                .iter()
+                .filter(|tracked| tracked.pair.is_due(now, retry_after))
+                .map(|tracked| &tracked.image)
+                .collect();
+            if !due.is_empty() {
+                queues.push((node, due));
             }
         }
-        let mut queues: Vec<std::vec::IntoIter<&PairKey>> =
-            by_node.into_values().map(Vec::into_iter).collect();
         let mut due = Vec::new();
-        loop {
+        for round in 0.. {
             let before = due.len();
-            for queue in &mut queues {
-                if let Some(key) = queue.next() {
-                    due.push(key.clone());
+            for (node, images) in &queues {
+                if let Some(image) = images.get(round) {
+                    due.push(PairKey {
+                        node: Arc::clone(node),
+                        image: Arc::clone(image),
+                    });
                 }
             }
             if due.len() == before {
-                return due;
+                break;
             }
         }
+        due
     }
 
     /// The earliest instant at which a BackingOff, Satisfied or Failed pair
@@ -551,8 +681,7 @@ impl Tracker {
     /// may lie in the past when pairs are due but were not dispatched (for
     /// that case see [`Tracker::next_wakeup_after`]).
     pub fn next_wakeup(&self, retry_after: Duration) -> Option<Instant> {
-        self.pairs
-            .values()
+        self.values()
             .filter_map(|pair| pair.due_at(retry_after))
             .min()
     }
@@ -561,8 +690,7 @@ impl Tracker {
     /// `now`: what a timer should wait for once everything due now was
     /// handled (or waits for a slot of the dispatch queue, which grants it).
     pub fn next_wakeup_after(&self, now: Instant, retry_after: Duration) -> Option<Instant> {
-        self.pairs
-            .values()
+        self.values()
             .filter_map(|pair| pair.due_at(retry_after))
             .filter(|at| *at > now)
             .min()
@@ -570,19 +698,21 @@ impl Tracker {
 
     /// Desired pairs with a pull pod in flight, by key.
     pub fn in_flight(&self) -> Vec<(PairKey, String)> {
-        self.pairs
-            .iter()
-            .filter_map(|(key, pair)| match &pair.status {
-                PairStatus::InFlight { pod, .. } => Some((key.clone(), pod.clone())),
-                _ => None,
+        self.iter()
+            .filter_map(|(node, image, pair)| {
+                let flight = pair.in_flight()?;
+                let key = PairKey {
+                    node: node.clone(),
+                    image: image.clone(),
+                };
+                Some((key, flight.pod.clone()))
             })
             .collect()
     }
 
     pub fn in_flight_count(&self) -> usize {
-        self.pairs
-            .values()
-            .filter(|pair| matches!(pair.status, PairStatus::InFlight { .. }))
+        self.values()
+            .filter(|pair| matches!(pair.state, State::InFlight(_)))
             .count()
     }
 
@@ -591,16 +721,16 @@ impl Tracker {
     pub fn orphaned_in_flight(&mut self) -> Vec<(PairKey, String)> {
         std::mem::take(&mut self.orphans)
             .into_iter()
-            .map(|(key, (pod, _, _))| (key, pod))
+            .map(|(key, flight)| (key, flight.pod))
             .collect()
     }
 
     pub fn counts(&self) -> PullCounts {
         let mut counts = PullCounts {
-            total: saturating_u32(self.pairs.len()),
+            total: saturating_u32(self.len),
             ..PullCounts::default()
         };
-        for pair in self.pairs.values() {
+        for pair in self.values() {
             if pair.is_ready() {
                 counts.ready += 1;
                 if pair.reverifying {
@@ -608,11 +738,10 @@ impl Tracker {
                 }
                 continue;
             }
-            match pair.status {
-                PairStatus::InFlight { .. } => counts.in_flight += 1,
-                PairStatus::Failed { .. } => counts.failed += 1,
-                PairStatus::Satisfied { .. } | PairStatus::Idle | PairStatus::BackingOff { .. } => {
-                }
+            match pair.state {
+                State::InFlight(_) => counts.in_flight += 1,
+                State::Failed { .. } => counts.failed += 1,
+                State::Satisfied { .. } | State::Idle | State::BackingOff { .. } => {}
             }
         }
         counts
@@ -622,19 +751,22 @@ impl Tracker {
     /// those still backing off (their attempts grow visibly), newest first,
     /// at most [`MAX_STATUS_FAILURES`].
     pub fn failures(&self) -> Vec<PullFailure> {
-        let mut failed: Vec<(&PairKey, &LastFailure)> = self
-            .pairs
+        let mut failed: Vec<(&Arc<str>, &Arc<str>, &LastFailure)> = self
             .iter()
-            .filter(|(_, pair)| !matches!(pair.status, PairStatus::Satisfied { .. }))
-            .filter_map(|(key, pair)| pair.last_failure.as_ref().map(|failure| (key, failure)))
+            .filter(|(_, _, pair)| !matches!(pair.state, State::Satisfied { .. }))
+            .filter_map(|(node, image, pair)| {
+                pair.last_failure
+                    .as_deref()
+                    .map(|failure| (node, image, failure))
+            })
             .collect();
-        failed.sort_by_key(|(_, failure)| std::cmp::Reverse(failure.sequence));
+        failed.sort_by_key(|(_, _, failure)| std::cmp::Reverse(failure.sequence));
         failed
             .into_iter()
             .take(MAX_STATUS_FAILURES)
-            .map(|(key, failure)| PullFailure {
-                node: key.node.clone(),
-                image: key.image.clone(),
+            .map(|(node, image, failure)| PullFailure {
+                node: node.to_string(),
+                image: image.to_string(),
                 reason: failure.reason.clone(),
                 attempts: failure.attempts,
                 last_error: failure.message.clone(),
@@ -651,8 +783,8 @@ impl Tracker {
             return Phase::Pending;
         }
         let mut all_satisfied = true;
-        for pair in self.pairs.values() {
-            if matches!(pair.status, PairStatus::Failed { .. }) {
+        for pair in self.values() {
+            if matches!(pair.state, State::Failed { .. }) {
                 return Phase::Failed;
             }
             all_satisfied &= pair.is_ready();
@@ -673,7 +805,7 @@ fn saturating_u32(n: usize) -> u32 {
 mod tests {
     use super::*;
     use crate::pull::dispatch::DispatchQueue;
-    use crate::pull::plan::PullTarget;
+    use crate::pull::plan::{PullSettings, PullTarget};
 
     const RETRY: Duration = Duration::from_secs(300);
 
@@ -692,19 +824,14 @@ mod tests {
     }
 
     fn desired(pairs: &[(&str, &str)]) -> DesiredSet {
+        let settings = Arc::new(PullSettings {
+            namespace: "ns".into(),
+            ..PullSettings::default()
+        });
         let mut set = DesiredSet::default();
         for (node, image) in pairs {
-            let target = PullTarget {
-                node: node.to_string(),
-                image: image.to_string(),
-                namespace: "ns".into(),
-                image_pull_secrets: vec![],
-                service_account: None,
-                tolerations: vec![],
-            };
-            set.nodes.insert(node.to_string());
             set.images.insert(image.to_string());
-            set.pairs.insert(target.key(), target);
+            set.insert(PullTarget::new(*node, *image, settings.clone()));
         }
         set
     }
@@ -853,7 +980,7 @@ mod tests {
 
         let t1 = t0 + secs(5);
         tracker.on_outcome(&k, Outcome::Succeeded, t1);
-        assert_eq!(tracker.status(&k), Some(&PairStatus::Satisfied { at: t1 }));
+        assert_eq!(tracker.status(&k), Some(PairStatus::Satisfied { at: t1 }));
         assert_eq!(tracker.phase(), Phase::Ready);
         assert_eq!(tracker.counts().ready, 1);
         assert_eq!(tracker.in_flight_count(), 0);
@@ -977,7 +1104,7 @@ mod tests {
             tracker.on_dispatched(&k, "pod", now);
             tracker.on_outcome(&k, transient("no such host"), now);
             assert_eq!(tracker.attempts(&k), attempt);
-            let Some(PairStatus::BackingOff { until }) = tracker.status(&k).cloned() else {
+            let Some(PairStatus::BackingOff { until }) = tracker.status(&k) else {
                 panic!("expected backoff, got {:?}", tracker.status(&k));
             };
             let delay = until - now;
@@ -1002,7 +1129,7 @@ mod tests {
 
         tracker.on_dispatched(&k, "pod", now);
         tracker.on_outcome(&k, transient("timeout"), now);
-        assert_eq!(tracker.status(&k), Some(&PairStatus::Failed { at: now }));
+        assert_eq!(tracker.status(&k), Some(PairStatus::Failed { at: now }));
         assert_eq!(tracker.phase(), Phase::Failed);
         assert_eq!(tracker.counts().failed, 1);
         let failures = tracker.failures();
@@ -1034,7 +1161,7 @@ mod tests {
         tracker.set_desired(&desired(&[("n1", "a"), ("n2", "a")]));
         tracker.on_dispatched(&k, "pod", now);
         tracker.on_outcome(&k, permanent("manifest unknown"), now);
-        assert_eq!(tracker.status(&k), Some(&PairStatus::Failed { at: now }));
+        assert_eq!(tracker.status(&k), Some(PairStatus::Failed { at: now }));
         assert_eq!(tracker.attempts(&k), 1);
         assert_eq!(tracker.phase(), Phase::Failed);
         let failures = tracker.failures();
@@ -1081,7 +1208,7 @@ mod tests {
         tracker.set_desired(&desired(&[("n1", "a")]));
         tracker.on_dispatched(&k, "pod", now);
         tracker.on_pod_vanished(&k, now);
-        assert_eq!(tracker.status(&k), Some(&PairStatus::Idle));
+        assert_eq!(tracker.status(&k), Some(PairStatus::Idle));
         assert_eq!(tracker.attempts(&k), 0);
         assert_eq!(tracker.due(now, RETRY), vec![k.clone()]);
 
@@ -1253,7 +1380,7 @@ mod tests {
             tracker.status(&key("n1", "a")),
             Some(PairStatus::Satisfied { .. })
         ));
-        assert_eq!(tracker.status(&key("n1", "c")), Some(&PairStatus::Idle));
+        assert_eq!(tracker.status(&key("n1", "c")), Some(PairStatus::Idle));
         assert_eq!(tracker.status(&key("n1", "b")), None);
         assert!(matches!(
             tracker.status(&key("n2", "a")),
@@ -1273,6 +1400,53 @@ mod tests {
             tracker.orphaned_in_flight(),
             vec![(key("n2", "a"), "pod-n2-a".to_string())]
         );
+    }
+
+    /// A fleet holds hundreds of thousands of pairs: keep a tracked pair
+    /// at 56 bytes (see BENCHMARKS.md, "Compact per-pair state").
+    #[test]
+    fn a_tracked_pair_stays_small() {
+        assert_eq!(std::mem::size_of::<Pair>(), 40);
+        assert_eq!(std::mem::size_of::<Tracked>(), 56);
+    }
+
+    /// A replan that changes a node's images both ways at once keeps what
+    /// stays, starts what is new and orphans what left in flight; an
+    /// unchanged replan keeps everything.
+    #[test]
+    fn node_images_replaced_both_ways() {
+        let t0 = Instant::now();
+        let mut tracker = Tracker::new(policy());
+        tracker.set_desired(&desired(&[("n1", "b"), ("n1", "d"), ("n1", "f")]));
+        tracker.node_reports_image(&key("n1", "b"), t0);
+        tracker.on_dispatched(&key("n1", "d"), "pod-d", t0);
+        tracker.on_dispatched(&key("n1", "f"), "pod-f", t0);
+        tracker.set_desired(&desired(&[("n1", "b"), ("n1", "d"), ("n1", "f")]));
+        assert_eq!(tracker.in_flight_count(), 2);
+
+        tracker.set_desired(&desired(&[
+            ("n1", "a"),
+            ("n1", "b"),
+            ("n1", "e"),
+            ("n1", "f"),
+        ]));
+        assert_eq!(tracker.status(&key("n1", "a")), Some(PairStatus::Idle));
+        assert_eq!(
+            tracker.status(&key("n1", "b")),
+            Some(PairStatus::Satisfied { at: t0 })
+        );
+        assert_eq!(tracker.status(&key("n1", "e")), Some(PairStatus::Idle));
+        assert_eq!(
+            tracker.in_flight(),
+            vec![(key("n1", "f"), "pod-f".to_string())]
+        );
+        assert_eq!(
+            tracker.orphaned_in_flight(),
+            vec![(key("n1", "d"), "pod-d".to_string())]
+        );
+        assert_eq!(tracker.counts().total, 4);
+        assert_eq!(tracker.satisfied_at(&key("n1", "b")), Some(t0));
+        assert_eq!(tracker.satisfied_at(&key("n1", "a")), None);
     }
 
     /// Events of an earlier pod with the same name do not belong to a new

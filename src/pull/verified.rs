@@ -26,7 +26,7 @@ use k8s_openapi::jiff::Timestamp;
 
 use crate::api::VerifiedRecord;
 use crate::pull::plan::{DesiredSet, PairKey};
-use crate::pull::tracker::{PairStatus, Tracker};
+use crate::pull::tracker::Tracker;
 
 pub const MAX_BUCKETS: usize = 128;
 
@@ -58,11 +58,11 @@ fn pair_digest(key: &PairKey) -> u64 {
 }
 
 /// Per-bucket digests of `pairs` (a wrapping sum: the order does not matter).
-fn digests<'a>(pairs: impl Iterator<Item = &'a PairKey>, buckets: usize) -> Vec<u64> {
+fn digests(pairs: impl Iterator<Item = PairKey>, buckets: usize) -> Vec<u64> {
     let mut sums = vec![0u64; buckets];
     for key in pairs {
         if let Some(sum) = sums.get_mut(bucket_of(&key.node, buckets)) {
-            *sum = sum.wrapping_add(pair_digest(key));
+            *sum = sum.wrapping_add(pair_digest(&key));
         }
     }
     sums
@@ -95,21 +95,20 @@ pub fn record(
     now_wall: Timestamp,
 ) -> Option<VerifiedRecord> {
     let mut oldest: Option<Instant> = None;
-    let verified: Vec<&PairKey> = desired
-        .pairs
+    let verified: Vec<PairKey> = desired
         .keys()
-        .filter(|key| match tracker.status(key) {
-            Some(PairStatus::Satisfied { at }) => {
-                oldest = Some(oldest.map_or(*at, |old| old.min(*at)));
+        .filter(|key| match tracker.satisfied_at(key) {
+            Some(at) => {
+                oldest = Some(oldest.map_or(at, |old| old.min(at)));
                 true
             }
-            _ => false,
+            None => false,
         })
         .collect();
     let oldest = oldest?;
     let age = now.saturating_duration_since(oldest);
     let at = now_wall.checked_sub(age).ok()?;
-    let buckets = bucket_count(desired.nodes.len());
+    let buckets = bucket_count(desired.node_count());
     Some(VerifiedRecord {
         // Whole seconds, rounded down: never later than the truth.
         at: Timestamp::from_second(at.as_second()).ok()?.to_string(),
@@ -134,17 +133,15 @@ pub fn restorable(
     let verified_at = now.checked_sub(age)?;
     let recorded = decode(&record.digests)?;
     let buckets = recorded.len();
-    let current = digests(desired.pairs.keys(), buckets);
+    let current = digests(desired.keys(), buckets);
     let matching: Vec<bool> = recorded
         .iter()
         .zip(&current)
         .map(|(recorded, current)| recorded == current)
         .collect();
     let pairs: Vec<PairKey> = desired
-        .pairs
         .keys()
         .filter(|key| matching.get(bucket_of(&key.node, buckets)) == Some(&true))
-        .cloned()
         .collect();
     Some((pairs, verified_at))
 }
@@ -152,25 +149,24 @@ pub fn restorable(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pull::plan::PullTarget;
+    use crate::pull::plan::{PullSettings, PullTarget};
     use crate::pull::tracker::{BackoffPolicy, Outcome};
 
     const RETRY: Duration = Duration::from_secs(300);
 
     fn desired(nodes: usize, images: usize) -> DesiredSet {
+        let settings = std::sync::Arc::new(PullSettings {
+            namespace: "ns".into(),
+            ..PullSettings::default()
+        });
         let mut set = DesiredSet::default();
         for node in 0..nodes {
             for image in 0..images {
-                let target = PullTarget {
-                    node: format!("node-{node}"),
-                    image: format!("img-{image}"),
-                    namespace: "ns".into(),
-                    image_pull_secrets: vec![],
-                    service_account: None,
-                    tolerations: vec![],
-                };
-                set.nodes.insert(target.node.clone());
-                set.pairs.insert(target.key(), target);
+                set.insert(PullTarget::new(
+                    format!("node-{node}"),
+                    format!("img-{image}"),
+                    settings.clone(),
+                ));
             }
         }
         set
@@ -179,9 +175,9 @@ mod tests {
     fn satisfied_tracker(desired: &DesiredSet, at: Instant) -> Tracker {
         let mut tracker = Tracker::new(BackoffPolicy::default());
         tracker.set_desired(desired);
-        for key in desired.pairs.keys() {
-            tracker.on_dispatched(key, "pod", at);
-            tracker.on_outcome(key, Outcome::Succeeded, at);
+        for key in desired.keys() {
+            tracker.on_dispatched(&key, "pod", at);
+            tracker.on_outcome(&key, Outcome::Succeeded, at);
         }
         tracker
     }
@@ -203,7 +199,7 @@ mod tests {
         // A new process, 60 s later.
         let now = Instant::now() + Duration::from_secs(1000);
         let (pairs, at) = restorable(&record, &set, RETRY, now, wall(60)).expect("fresh");
-        assert_eq!(pairs.len(), set.pairs.len());
+        assert_eq!(pairs.len(), set.len());
         assert_eq!(now.duration_since(at), Duration::from_secs(60));
     }
 
@@ -218,18 +214,16 @@ mod tests {
         let extra = PullTarget {
             image: "img-new".into(),
             ..set
-                .pairs
-                .values()
-                .find(|t| t.node == "node-7")
-                .cloned()
+                .targets()
+                .find(|t| &*t.node == "node-7")
                 .expect("node-7")
         };
-        changed.pairs.insert(extra.key(), extra);
+        changed.insert(extra);
         let (pairs, _) =
             restorable(&record, &changed, RETRY, Instant::now(), wall(5)).expect("fresh");
-        assert!(!pairs.iter().any(|key| key.node == "node-7"));
-        let lost = changed.pairs.len() - pairs.len();
-        assert!(lost * 100 <= changed.pairs.len() * 2, "lost {lost} pairs");
+        assert!(!pairs.iter().any(|key| &*key.node == "node-7"));
+        let lost = changed.len() - pairs.len();
+        assert!(lost * 100 <= changed.len() * 2, "lost {lost} pairs");
         assert!(lost >= 6, "node-7's pairs at least");
     }
 
@@ -239,13 +233,13 @@ mod tests {
         let t0 = Instant::now();
         let mut tracker = Tracker::new(BackoffPolicy::default());
         tracker.set_desired(&set);
-        for key in set.pairs.keys().filter(|key| key.node != "node-2") {
-            tracker.on_dispatched(key, "pod", t0);
-            tracker.on_outcome(key, Outcome::Succeeded, t0);
+        for key in set.keys().filter(|key| &*key.node != "node-2") {
+            tracker.on_dispatched(&key, "pod", t0);
+            tracker.on_outcome(&key, Outcome::Succeeded, t0);
         }
         let record = record(&set, &tracker, t0, wall(0)).expect("a record");
         let (pairs, _) = restorable(&record, &set, RETRY, Instant::now(), wall(1)).expect("fresh");
-        assert!(!pairs.iter().any(|key| key.node == "node-2"));
+        assert!(!pairs.iter().any(|key| &*key.node == "node-2"));
         assert_eq!(pairs.len(), 6);
     }
 

@@ -54,6 +54,12 @@ use crate::pull::podspec::{PREFETCH_UID_LABEL, managed_selector};
 use crate::pull::targeting::{NodeTargeting, NodeView};
 use crate::pull::workload::{PodTemplated, WorkloadImages};
 
+/// Nodes per page of the node list. A page is decoded whole and a Node
+/// with its image list is tens of KiB, so kube's default of 500 made each
+/// cluster's (re)list peak at several MiB more than the compact index it
+/// builds, paid again by every cluster listing at once.
+const NODE_LIST_PAGE: u32 = 100;
+
 /// What a PrefetchActor was last given; its events are routed by these.
 struct Delivered {
     spec: PrefetchSpec,
@@ -280,7 +286,7 @@ impl ClusterActor {
         let nodes: Api<Node> = Api::all(client.clone());
         self.spawn_watch(
             nodes,
-            watcher::Config::default(),
+            watcher::Config::default().page_size(NODE_LIST_PAGE),
             NODES_WATCH,
             addr.clone(),
             NodeEvent,

@@ -54,10 +54,9 @@ use crate::pull::podspec::{PREFETCH_UID_LABEL, managed_selector};
 use crate::pull::targeting::{NodeTargeting, NodeView};
 use crate::pull::workload::{PodTemplated, WorkloadImages};
 
-/// Nodes per page of the node list. A page is decoded whole and a Node
-/// with its image list is tens of KiB, so kube's default of 500 made each
-/// cluster's (re)list peak at several MiB more than the compact index it
-/// builds, paid again by every cluster listing at once.
+/// Nodes per page of the node list. A page is decoded whole, image lists
+/// included, so kube's default of 500 raised each cluster's (re)list peak:
+/// 3 clusters of 1,000 nodes peaked 4 MiB higher (BENCHMARKS.md).
 const NODE_LIST_PAGE: u32 = 100;
 
 /// What a PrefetchActor was last given; its events are routed by these.

@@ -391,9 +391,9 @@ impl PrefetchActor {
                 Vec::new()
             } else {
                 let due = self.tracker.due(Instant::now(), self.retry_after());
-                let mut own: BTreeMap<String, usize> = BTreeMap::new();
+                let mut own: BTreeMap<Arc<str>, usize> = BTreeMap::new();
                 for (key, _) in self.tracker.in_flight() {
-                    *own.entry(key.node.to_string()).or_default() += 1;
+                    *own.entry(key.node).or_default() += 1;
                 }
                 // The queue needs a choice of nodes, not every due pair: due()
                 // spreads them over nodes, so the first ones span many.

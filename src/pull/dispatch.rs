@@ -500,7 +500,7 @@ impl DispatchQueue {
 /// enough such pairs are offered to fill its cap.
 pub fn offer(
     due: Vec<PairKey>,
-    own_in_flight: &BTreeMap<String, usize>,
+    own_in_flight: &BTreeMap<std::sync::Arc<str>, usize>,
     per_node: usize,
     limit: usize,
 ) -> Vec<PairKey> {
@@ -885,7 +885,7 @@ mod tests {
     fn the_offer_leaves_out_nodes_its_own_pulls_fill() {
         let mut due = spread("second", 3);
         due.extend(spread("third", 3));
-        let own = BTreeMap::from([("n1".to_string(), 1), ("n3".to_string(), 1)]);
+        let own = BTreeMap::from([("n1".into(), 1), ("n3".into(), 1)]);
         assert_eq!(
             offer(due.clone(), &own, 1, 10),
             keys(&[("n2", "second"), ("n2", "third")])
